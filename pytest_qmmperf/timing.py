@@ -1,0 +1,291 @@
+"""Device-true timing of MLX work.
+
+MLX builds a lazy graph; ``mx.eval`` dispatches it and ``mx.synchronize``
+waits for the device.  A round therefore looks like this:
+
+1. *setup* (untimed): build the lazy outputs of ``L`` launches, each on its own
+   input set (sets rotate so the operands' footprint exceeds the caches and
+   no launch reads what the previous one left hot);
+2. *target* (timed): one ``mx.eval`` of all ``L`` outputs, then synchronise.
+
+Queueing ``L`` launches per evaluation amortises the fixed cost of an
+evaluation (dispatch, command-buffer commit, the wait itself: 0.13-0.38 ms
+per eval on an H100 against 11-36 us per QMM).  What is left of that fixed
+cost is measured once per process with a trivial kernel and subtracted from
+every round before dividing by ``L``, so a sample is the device time of one
+launch.  ``L`` grows until a round lasts at least ``max(round_s, 20 x
+overhead)``; the number of rounds is chosen from a pilot's spread to reach
+the precision target within the time budget.
+
+The first launch JIT-compiles kernels; it is reported as ``cold_start_s``
+and never mixed into the samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A launch: given a running index, build (lazily) one unit of work.
+Launch = Callable[[int], Sequence[Any]]
+
+Z95 = 1.959964
+#: Standard error of a sample median is about sqrt(pi/2) = 1.2533 times the
+#: standard error of the mean for near-normal data.
+MEDIAN_SE_FACTOR = 1.2533
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How hard to try for a precise median.
+
+    ``precision`` is the target half-width of the 95% confidence interval of
+    the median, relative to the median; ``budget_s`` caps the timed rounds'
+    wall-clock time per benchmark; rounds never go below ``min_rounds``.
+    """
+
+    precision: float = 0.005
+    min_rounds: int = 10
+    max_rounds: int = 2000
+    budget_s: float = 5.0
+    warmup_s: float = 0.25
+    round_s: float = 0.002
+    max_launches: int = 512
+    rotate_bytes: int = 256 << 20
+
+    @classmethod
+    def for_backend(cls, backend: str, **overrides: Any) -> TimingPolicy:
+        """Defaults per backend; CPU rounds are longer and operands smaller."""
+        if backend == "cpu":
+            base = cls(precision=0.01, min_rounds=7, budget_s=2.0, warmup_s=0.05,
+                       round_s=0.004, max_launches=64, rotate_bytes=64 << 20)
+        else:
+            base = cls()
+        return cls(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def synchronize() -> None:
+    """Wait for all queued device work."""
+    import mlx.core as mx
+
+    mx.synchronize()
+
+
+def _flatten(out: Any) -> list[Any]:
+    import mlx.core as mx
+
+    if isinstance(out, mx.array):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        flat: list[Any] = []
+        for item in out:
+            flat.extend(_flatten(item))
+        return flat
+    raise TypeError(
+        f"returned {type(out).__name__}; expected an mlx.core.array or a tuple/list/dict of them"
+    )
+
+
+def outputs(out: Any) -> list[Any]:
+    """The MLX arrays in a callable's result; ``TypeError`` if there are none."""
+    flat = _flatten(out)
+    if not flat:
+        raise TypeError("returned no mlx.core.array; expected at least one array to evaluate")
+    return flat
+
+
+def _timed_eval(arrays: Sequence[Any]) -> float:
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    mx.eval(list(arrays))
+    mx.synchronize()
+    return time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def eval_overhead_s(device: str = "default") -> float:
+    """Median wall time of evaluating one trivial kernel: the fixed cost per round.
+
+    Measured once per process and device (``device`` only keys the cache).
+    """
+    import mlx.core as mx
+
+    x = mx.zeros((16,), dtype=mx.float32)
+    mx.eval(x)
+    times = []
+    for i in range(60):
+        y = x + float(i)
+        times.append(_timed_eval([y]))
+    return statistics.median(times[10:])
+
+
+def robust_cv(values: Sequence[float]) -> float:
+    """Coefficient of variation from the median absolute deviation (outlier-proof)."""
+    med = statistics.median(values)
+    if med <= 0:
+        return 0.0
+    mad = statistics.median(abs(v - med) for v in values)
+    return 1.4826 * mad / med
+
+
+def rounds_for_precision(cv: float, precision: float) -> int:
+    """Rounds needed for the median's 95% CI half-width to reach ``precision``."""
+    if cv <= 0:
+        return 1
+    return math.ceil((Z95 * MEDIAN_SE_FACTOR * cv / precision) ** 2)
+
+
+@dataclass
+class RoundTimer:
+    """Times ``launch`` in rounds of ``launches`` queued launches (see module docstring).
+
+    Use :meth:`prepare` once (cold start, warm-up, pilot, plan), then either
+    :meth:`run` or hand :meth:`setup` and :meth:`target` to
+    ``benchmark.pedantic(target, setup=setup, rounds=timer.rounds)``.
+    """
+
+    launch: Launch
+    policy: TimingPolicy = field(default_factory=TimingPolicy)
+    overhead_s: float = 0.0
+    launches: int = 1
+    rounds: int = 0
+    cold_start_s: float = math.nan
+    pilot_cv: float = math.nan
+    samples_s: list[float] = field(default_factory=list)
+    round_times_s: list[float] = field(default_factory=list)
+    _counter: int = 0
+
+    def _build(self, count: int) -> list[Any]:
+        arrays: list[Any] = []
+        for _ in range(count):
+            arrays.extend(outputs(self.launch(self._counter)))
+            self._counter += 1
+        return arrays
+
+    def _per_launch(self, elapsed: float, count: int) -> float:
+        # Never let the overhead correction remove more than half a round: if
+        # it would, the round was too short to say anything and we keep more.
+        return max(elapsed - self.overhead_s, 0.5 * elapsed) / count
+
+    def prepare(self) -> None:
+        """Cold run, warm-up, launches per round and number of rounds."""
+        p = self.policy
+        self.cold_start_s = _timed_eval(self._build(1))
+        start = time.perf_counter()
+        single: list[float] = []
+        while len(single) < 3 or time.perf_counter() - start < p.warmup_s:
+            single.append(_timed_eval(self._build(1)))
+            if len(single) >= 200:
+                break
+        per_launch = self._per_launch(statistics.median(single[-5:]), 1)
+        round_s = max(p.round_s, 20 * self.overhead_s)
+        launches = min(p.max_launches, max(1, math.ceil(round_s / max(per_launch, 1e-9))))
+        # A power of two keeps L stable between runs when the estimate wobbles.
+        self.launches = 1 << max(0, math.ceil(math.log2(launches)) - (launches < 2))
+        self.launches = min(self.launches, p.max_launches)
+        pilot = [self._per_launch(_timed_eval(self._build(self.launches)), self.launches)
+                 for _ in range(5)]
+        self.pilot_cv = robust_cv(pilot)
+        wanted = rounds_for_precision(self.pilot_cv, p.precision)
+        round_wall = statistics.median(pilot) * self.launches + self.overhead_s
+        affordable = max(1, int(p.budget_s / max(round_wall, 1e-9)))
+        self.rounds = max(p.min_rounds, min(wanted, affordable, p.max_rounds))
+
+    def setup(self) -> tuple[tuple[list[Any]], dict[str, Any]]:
+        """Build one round's lazy outputs (untimed)."""
+        return (self._build(self.launches),), {}
+
+    def target(self, arrays: list[Any]) -> None:
+        """Evaluate one round and record its per-launch sample."""
+        elapsed = _timed_eval(arrays)
+        self.round_times_s.append(elapsed)
+        self.samples_s.append(self._per_launch(elapsed, self.launches))
+
+    def run(self, rounds: int | None = None) -> list[float]:
+        """Run the planned rounds without pytest-benchmark; return the samples."""
+        for _ in range(self.rounds if rounds is None else rounds):
+            args, _ = self.setup()
+            self.target(*args)
+        return self.samples_s
+
+    def info(self) -> dict[str, Any]:
+        """How the samples were taken, for reports."""
+        return {
+            "launches_per_round": self.launches,
+            "rounds": len(self.samples_s),
+            "eval_overhead_s": self.overhead_s,
+            "pilot_cv": self.pilot_cv,
+            "precision_target": self.policy.precision,
+        }
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """The device's roofline ceilings and where they came from."""
+
+    bandwidth_gbps: float
+    tflops: float
+    source: str
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peaks(backend: str) -> Peaks:
+    """Measure copy bandwidth and dense matmul rate on this device, once per process.
+
+    A table of vendor peaks would flatter nobody's kernel into 100% of a
+    number no kernel reaches; measured ceilings say how far from the best
+    *achievable* a kernel is.  fp16 on GPUs; float32 on CPU, where MLX's
+    fp16 arithmetic is emulated.
+    """
+    import mlx.core as mx
+
+    gpu = backend != "cpu"
+    n_elem = (256 << 20) // 2 if gpu else (16 << 20) // 4
+    dtype = mx.float16 if gpu else mx.float32
+    src = [mx.random.uniform(shape=(n_elem,)).astype(dtype) for _ in range(2)]
+    mx.eval(src)
+    policy = TimingPolicy.for_backend(backend, precision=0.02, budget_s=0.5, min_rounds=5)
+    overhead = eval_overhead_s(backend)
+    copy = RoundTimer(lambda i: [src[i % 2] * 2], policy, overhead)
+    copy.prepare()
+    copy.run()
+    copy_bytes = 2 * n_elem * src[0].itemsize
+    bw = copy_bytes / statistics.median(copy.samples_s) / 1e9
+
+    size = 4096 if gpu else 512
+    a = [mx.random.normal((size, size)).astype(dtype) for _ in range(2)]
+    mx.eval(a)
+    mm = RoundTimer(lambda i: [a[i % 2] @ a[(i + 1) % 2]], policy, overhead)
+    mm.prepare()
+    mm.run()
+    tf = 2 * size**3 / statistics.median(mm.samples_s) / 1e12
+    dname = "fp16" if gpu else "fp32"
+    source = (f"measured this session: copy of {copy_bytes >> 21} MiB ({bw:.0f} GB/s), "
+              f"{dname} {size}^3 matmul ({tf:.3g} TFLOP/s)")
+    return Peaks(bandwidth_gbps=bw, tflops=tf, source=source)
+
+
+def derived_metrics(samples_s: Sequence[float], flops: float | None, nbytes: float | None,
+                    peaks: Peaks | None) -> dict[str, list[float]]:
+    """``tflops``, ``gbps`` and ``roofline_pct`` per sample, where the inputs allow.
+
+    ``roofline_pct`` is the roofline bound ``max(flops / peak_flops,
+    bytes / peak_bandwidth)`` as a percentage of the measured time.
+    """
+    out: dict[str, list[float]] = {}
+    if flops:
+        out["tflops"] = [flops / t / 1e12 for t in samples_s]
+    if nbytes:
+        out["gbps"] = [nbytes / t / 1e9 for t in samples_s]
+    if peaks is not None and (flops or nbytes):
+        bound = max((flops or 0) / (peaks.tflops * 1e12), (nbytes or 0) / (peaks.bandwidth_gbps * 1e9))
+        out["roofline_pct"] = [100.0 * bound / t for t in samples_s]
+    return out

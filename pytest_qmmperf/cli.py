@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_cmd_variants)
 
+    from pytest_qmmperf import compare  # light: git and the gate load when it runs
+
+    compare.add_parser(sub)
+
     return parser
 
 

@@ -352,7 +352,9 @@ class Verdict:
         ]
         if self.change is not None:
             detail = _pct(self.change)
-            if self.ci_low is not None and self.ci_high is not None and self.confidence:
+            if self.ci_low is not None and self.ci_low == self.ci_high:
+                detail += ", exact: no spread in either sample set"
+            elif self.ci_low is not None and self.ci_high is not None and self.confidence:
                 detail += (
                     f", {self.confidence * 100:g}% CI {_pct(self.ci_low)}..{_pct(self.ci_high)}"
                 )
@@ -471,7 +473,9 @@ def judge(
         threshold, source = thresholds.for_metric(name)
         ch = stats.compare(base_samples, corrected, confidence)
         status = _decide(ch, meta.higher_is_better, threshold)
-        if status == "regression":
+        if ch.exact:
+            p = None  # a rank test has nothing to say about two constant sets
+        elif status == "regression":
             p = ch.p_decrease if meta.higher_is_better else ch.p_increase
         elif status == "improvement":
             p = ch.p_increase if meta.higher_is_better else ch.p_decrease

@@ -107,10 +107,15 @@ def _number(text: Any, what: str, kind: type, minimum: float) -> Any:
 def resolve(config: pytest.Config) -> Options:
     """Flags, then ini keys, then defaults; ``pytest.UsageError`` on bad values."""
 
+    names: dict[str, str] = {}
+
     def pick(flag: str, ini: str | None = None) -> Any:
+        """The flag's value, else the ini key's; remembers which one for error messages."""
         value = config.getoption(flag)
+        names[flag] = "--" + flag.replace("_", "-")
         if value is None and ini is not None:
             value = config.getini(ini)
+            names[flag] = f"ini {ini}"
             if value in ("", []):
                 value = None
         return value
@@ -138,9 +143,10 @@ def resolve(config: pytest.Config) -> Options:
         gate_virtual=bool(config.getoption("qmm_gate_virtual")),
         json_path=path("qmm_json"),
         markdown_path=path("qmm_markdown"),
-        precision=parse_percent(precision, "--qmm-precision") if precision is not None else None,
-        time_budget_s=_number(budget, "--qmm-time-budget", float, 0.01)
+        precision=parse_percent(precision, names["qmm_precision"])
+        if precision is not None else None,
+        time_budget_s=_number(budget, names["qmm_time_budget"], float, 0.01)
         if budget is not None else None,
-        min_rounds=_number(min_rounds, "--qmm-min-rounds", int, 1)
+        min_rounds=_number(min_rounds, names["qmm_min_rounds"], int, 1)
         if min_rounds is not None else None,
     )

@@ -35,8 +35,8 @@ def describe(result: BenchResult) -> str:
     """A short human label for a result's workload."""
     p = result.params
     if result.kind == "qmm":
-        return (f"{p['variant']} M{p['M']} N{p['N']} K{p['K']} "
-                f"{p['mode']}{p['bits']}g{p['group_size']} {p['dtype']}")
+        return (f"{p['variant']} M={p['M']} N={p['N']} K={p['K']} "
+                f"{p['mode']} {p['bits']}-bit g{p['group_size']} {p['dtype']}")
     if result.kind == "prefill":
         return f"{p.get('variant', '')} {p.get('model', '')} {p.get('prompt_tokens', '')}+" \
                f"{p.get('gen_tokens', '')}"

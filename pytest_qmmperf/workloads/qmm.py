@@ -92,11 +92,6 @@ class QmmSpec:
                 f"{quantized_axis}={length}: must be a multiple of group_size={self.group_size} "
                 f"(the quantized axis of a {'transposed' if self.transpose else 'plain'} weight)"
             )
-        if (length * self.bits) % 32:
-            raise QmmSpecError(
-                f"{quantized_axis}={length}: with bits={self.bits} it must pack into whole "
-                "32-bit words (a multiple of 32)"
-            )
 
     # --- cost model ----------------------------------------------------
 
@@ -125,8 +120,10 @@ class QmmSpec:
         return asdict(self)
 
     def label(self) -> str:
-        t = "t" if self.transpose else "n"
-        return f"M{self.M}xN{self.N}xK{self.K} {self.mode}{self.bits}g{self.group_size} {self.dtype} {t}"
+        """Short human description, e.g. ``M=512 N=8192 K=3072 affine 4-bit g64 float16``."""
+        layout = "" if self.transpose else " x@w"
+        return (f"M={self.M} N={self.N} K={self.K} {self.mode} {self.bits}-bit g{self.group_size} "
+                f"{self.dtype}{layout}")
 
 
 @dataclass

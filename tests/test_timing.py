@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import math
+import mlx.core as mx
+import pytest
+
+from pytest_qmmperf.timing import (
+    Peaks,
+    RoundTimer,
+    TimingPolicy,
+    derived_metrics,
+    outputs,
+    robust_cv,
+    rounds_for_precision,
+)
+
+
+def test_robust_cv_by_hand():
+    # median 10, absolute deviations 1,0,0,1,100 -> MAD 1 -> 1.4826 / 10
+    assert robust_cv([9, 10, 10, 11, 110]) == pytest.approx(0.14826)
+    assert robust_cv([5.0, 5.0, 5.0]) == 0.0
+
+
+def test_rounds_for_precision_by_hand():
+    # (1.959964 * 1.2533 * 0.02 / 0.005)^2 = 9.8258^2 = 96.5 -> 97
+    assert rounds_for_precision(0.02, 0.005) == 97
+    assert rounds_for_precision(0.0, 0.005) == 1
+
+
+def test_derived_metrics_by_hand():
+    peaks = Peaks(bandwidth_gbps=100.0, tflops=1.0, source="table")
+    out = derived_metrics([0.001, 0.002], flops=1e9, nbytes=1e7, peaks=peaks)
+    assert out["tflops"] == pytest.approx([1.0, 0.5])
+    assert out["gbps"] == pytest.approx([10.0, 5.0])
+    # bound = max(1e9 / 1e12, 1e7 / 1e11) = 1 ms -> 100% at 1 ms, 50% at 2 ms
+    assert out["roofline_pct"] == pytest.approx([100.0, 50.0])
+    assert derived_metrics([0.001], None, None, peaks) == {}
+
+
+def test_outputs_flatten_and_reject_non_arrays():
+    a, b = mx.zeros((1,)), mx.ones((2,))
+    assert len(outputs({"x": a, "y": (b, [a])})) == 3
+    with pytest.raises(TypeError, match="returned int; expected an mlx.core.array"):
+        outputs(3)
+    with pytest.raises(TypeError, match="returned no mlx.core.array"):
+        outputs([])
+
+
+def test_round_timer_plans_and_records_per_launch_samples():
+    sets = [mx.random.normal((128, 128)) for _ in range(3)]
+    mx.eval(sets)
+    seen: list[int] = []
+
+    def launch(i: int):
+        seen.append(i)
+        return [sets[i % 3] @ sets[(i + 1) % 3]]
+
+    policy = TimingPolicy.for_backend("cpu", budget_s=0.05, min_rounds=4)
+    timer = RoundTimer(launch, policy, overhead_s=0.0)
+    timer.prepare()
+    assert timer.launches >= 1 and timer.launches & (timer.launches - 1) == 0  # power of two
+    assert timer.rounds >= 4 and math.isfinite(timer.cold_start_s)
+    before = len(seen)
+    samples = timer.run()
+    assert len(samples) == timer.rounds == len(timer.round_times_s)
+    assert len(seen) - before == timer.rounds * timer.launches
+    assert seen == list(range(len(seen)))  # every launch takes the next input set
+    # a sample is a round divided by its launches
+    assert samples[0] == pytest.approx(timer.round_times_s[0] / timer.launches)
+    assert timer.info()["launches_per_round"] == timer.launches
+
+
+def test_overhead_is_subtracted_but_never_more_than_half_a_round():
+    timer = RoundTimer(lambda i: [mx.zeros((1,))], TimingPolicy(), overhead_s=0.001)
+    assert timer._per_launch(0.011, 10) == pytest.approx(0.001)
+    assert timer._per_launch(0.0012, 1) == pytest.approx(0.0006)
+
+
+def test_policy_overrides_ignore_none():
+    p = TimingPolicy.for_backend("cpu", precision=None, budget_s=1.5)
+    assert p.budget_s == 1.5 and p.precision == TimingPolicy.for_backend("cpu").precision

@@ -359,7 +359,8 @@ def _load_directory(source: ModelSource, spec: PrefillSpec) -> nn.Module:
             )
     try:
         model, _config = load_model(source.path, lazy=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    # RuntimeError: mx.load's error for a truncated or corrupt safetensors file.
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise PrefillError(f"model directory {spec.model!r} could not be loaded: {exc}") from None
     if spec.dtype is not None:
         model.set_dtype(getattr(mx, spec.dtype))
@@ -443,7 +444,8 @@ def swap_variant(model: nn.Module, variant: Variant, *, rows: tuple[int, ...] = 
     Quantized linear layers run ``variant`` in ``__call__``; a quantized
     embedding runs it in ``as_linear`` (the tied output head), its lookups
     are unchanged.  Calling again with another variant re-routes the same
-    layers.  Returns how many layers route through it.  ``rows`` are the
+    layers.  Returns how many quantized layers were routed (an untied
+    embedding counts, though only lookups run on it).  ``rows`` are the
     matmul heights the run will use; a layer the variant does not support at
     one of them raises :class:`PrefillError` naming layer and reason.
     """
@@ -723,6 +725,8 @@ class PrefillRunner:
                 gc.enable()
         peak = mx.get_peak_memory()
         del cache
+        #: The raw intervals behind the last result, for reports and tests.
+        self.last_timings = {"ttft_s": stamps[0] - t0, "decode_s": list(decode_times)}
         ttft = stamps[0] - t0
         result = {
             "ttft_s": ttft,

@@ -350,7 +350,7 @@ def test_local_quantized_directory_must_match_the_asked_quantization(tmp_path):
     path = _save_tiny(tmp_path / "tiny-4bit", quantize={"group_size": 64, "bits": 4})
     runner = PrefillRunner(PrefillSpec(str(path), prompt_tokens=16, gen_tokens=2))
     runner.check()
-    with pytest.raises(PrefillError, match=r"quantized with bits=4, group_size=64.*asked for bits=8"):
+    with pytest.raises(PrefillError, match=r"with bits=4, group_size=64.*asked for bits=8"):
         PrefillRunner(PrefillSpec(str(path), prompt_tokens=16, gen_tokens=2, bits=8))
 
 

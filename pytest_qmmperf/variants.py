@@ -215,3 +215,9 @@ register_variant(
 register_variant(
     Variant("dequant", _dequant_qmm, "mx.dequantize to the activation dtype, then a dense matmul")
 )
+
+# The tiled Metal/CUDA family. Imported last because it imports this module;
+# it is pure Python until one of its kernels is first run.
+from pytest_qmmperf import tiled as _tiled  # noqa: E402
+
+_tiled.register()

@@ -1,0 +1,188 @@
+// Runs the generated CUDA kernels on a CPU, for tests on machines without a GPU.
+//
+// Each CUDA thread of a block is a std::thread; blocks run one after another,
+// so `__shared__` arrays can be function statics. __syncthreads() is a
+// std::barrier over the block, and every warp-collective operation (shuffle,
+// ldmatrix, mma.sync) is an exchange through per-warp scratch between two
+// barriers over the warp. ldmatrix and mma.sync m16n8k16 follow the fragment
+// layouts of the PTX ISA; defining QMMPERF_CUDA_QMM_PTX here makes the
+// generated source skip its inline-PTX versions of them.
+//
+// Compile as C++20 with g++ (needs _Float16): g++ -std=c++20 -O1 -pthread, with
+// cpu_grid.h (the block/warp machinery shared with the Metal emulation) beside it.
+
+#ifndef QMMPERF_CUDA_CPU_EMULATION
+#define QMMPERF_CUDA_CPU_EMULATION
+
+#include "cpu_grid.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __grid_constant__
+#define __shared__ static
+
+// --- fp16 / bf16, stored as their bits --------------------------------------
+
+struct __half {
+  uint16_t bits;
+  __half() = default;
+  __half(float f) {
+    _Float16 h = static_cast<_Float16>(f);  // round to nearest even
+    std::memcpy(&bits, &h, 2);
+  }
+  operator float() const {
+    _Float16 h;
+    std::memcpy(&h, &bits, 2);
+    return static_cast<float>(h);
+  }
+};
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) {
+      bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+    } else {
+      bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  operator float() const {
+    uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+inline float __half2float(__half h) { return static_cast<float>(h); }
+inline __half __ushort_as_half(unsigned short u) {
+  __half h;
+  h.bits = u;
+  return h;
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct alignas(16) uint4 {
+  uint32_t x, y, z, w;
+};
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+
+namespace cooperative_groups {}
+
+// --- thread ids over cpu_grid.h -----------------------------------------------
+
+struct qmm_emu_dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local qmm_emu_dim3 threadIdx;
+inline thread_local qmm_emu_dim3 blockIdx;
+
+namespace mlx::core::cu {
+using Shape = std::array<int32_t, 10>;
+using Strides = std::array<int64_t, 10>;
+}  // namespace mlx::core::cu
+
+namespace qmm_emu {
+
+// Runs fn once per CUDA thread of a grid of (gx, gy) blocks of `threads`.
+inline void launch_cuda(int gx, int gy, int threads, const std::function<void()>& fn) {
+  launch(gx, gy, threads, [&fn](int t, int bx, int by) {
+    threadIdx = {static_cast<unsigned>(t), 0, 0};
+    blockIdx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
+    fn();
+  });
+}
+
+template <typename T>
+inline float elem(uint32_t reg, int half) {
+  T v;
+  v.bits = static_cast<uint16_t>(half ? (reg >> 16) : (reg & 0xFFFFu));
+  return static_cast<float>(v);
+}
+
+}  // namespace qmm_emu
+
+inline void __syncthreads() { qmm_emu::block_sync(); }
+
+inline float __shfl_xor_sync(unsigned, float v, int offset) {
+  auto& w = qmm_emu::warp();
+  const int l = qmm_emu::lane();
+  w.f[l] = v;
+  w.sync();
+  const float other = w.f[l ^ offset];
+  w.sync();
+  return other;
+}
+
+// --- the PTX instructions of qmm_ptx.cuh -------------------------------------
+
+#define QMMPERF_CUDA_QMM_PTX
+
+// ldmatrix .m8n8 .b16: lane l supplies row l % 8 of matrix l / 8 and receives,
+// from each matrix, row l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1.
+template <int Count>
+inline void qmm_emu_ldmatrix(uint32_t* r, const void* p) {
+  auto& w = qmm_emu::warp();
+  const int l = qmm_emu::lane();
+  w.ptr[l] = p;
+  w.sync();
+  for (int i = 0; i < Count; ++i) {
+    const auto* row = static_cast<const uint16_t*>(w.ptr[i * 8 + l / 4]);
+    r[i] = static_cast<uint32_t>(row[2 * (l % 4)]) |
+           (static_cast<uint32_t>(row[2 * (l % 4) + 1]) << 16);
+  }
+  w.sync();
+}
+
+inline void qmm_ldmatrix_x4(uint32_t (&r)[4], const void* p) { qmm_emu_ldmatrix<4>(r, p); }
+inline void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p) { qmm_emu_ldmatrix<2>(r, p); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: with g = lane / 4 and
+// t = lane % 4, A regs hold (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..);
+// B regs hold k = 2t..2t+1 and 2t+8..2t+9 of column g; D holds (g, 2t), (g, 2t+1),
+// (g+8, 2t), (g+8, 2t+1).
+template <typename T>
+struct QmmMma {
+  static void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    auto& w = qmm_emu::warp();
+    const int l = qmm_emu::lane();
+    for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+    for (int i = 0; i < 2; ++i) w.b[l][i] = b[i];
+    w.sync();
+    float A[16][16];
+    float B[16][8];
+    for (int src = 0; src < 32; ++src) {
+      const int g = src / 4;
+      const int t = src % 4;
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = qmm_emu::elem<T>(w.a[src][0], h);
+        A[g + 8][2 * t + h] = qmm_emu::elem<T>(w.a[src][1], h);
+        A[g][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][2], h);
+        A[g + 8][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][3], h);
+        B[2 * t + h][g] = qmm_emu::elem<T>(w.b[src][0], h);
+        B[2 * t + 8 + h][g] = qmm_emu::elem<T>(w.b[src][1], h);
+      }
+    }
+    w.sync();
+    const int g = l / 4;
+    const int t = l % 4;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >> 1) * 8;
+      const int col = 2 * t + (e & 1);
+      float sum = 0.0f;
+      for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+      d[e] += sum;
+    }
+  }
+};
+
+#endif  // QMMPERF_CUDA_CPU_EMULATION

@@ -1,0 +1,145 @@
+// qmmperf tiled QMM: the CUDA layer.
+//
+// The kernel bodies (loaders, dequantization, bounds, the K loop) are
+// generated once for every language by pytest_qmmperf/tiled/source.py; they
+// call only what this file defines. pytest_qmmperf/metal/qmm_layer.h defines
+// the same names for Metal. MLX's cuda_kernel includes <cuda_fp16.h> and
+// <cuda_bf16.h> before this header; qmm_ptx.cuh (the matrix instructions as
+// inline PTX, sm_80 and newer) comes right before it.
+
+// Guarded so that several kernels can share one translation unit (the CI checks).
+#ifndef QMMPERF_CUDA_QMM_LAYER
+#define QMMPERF_CUDA_QMM_LAYER
+
+// Bits of an unsigned integer below 2^23 -> the same value as a float,
+// without an int-to-float conversion: 2^23 + q in the mantissa, minus 2^23.
+__device__ __forceinline__ float qmm_q2f(uint32_t q) {
+  return __uint_as_float(0x4B000000u | q) - 8388608.0f;
+}
+
+__device__ __forceinline__ uint4 qmm_zero4() {
+  return make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ uint32_t qmm_word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// The two 16-bit activations packed in a 32-bit word, low half first.
+template <typename T>
+struct QmmHalves;
+
+template <>
+struct QmmHalves<__half> {
+  __device__ __forceinline__ static float lo(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+  }
+  __device__ __forceinline__ static float hi(uint32_t w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+};
+
+template <>
+struct QmmHalves<__nv_bfloat16> {
+  __device__ __forceinline__ static float lo(uint32_t w) {
+    return __uint_as_float(w << 16);
+  }
+  __device__ __forceinline__ static float hi(uint32_t w) {
+    return __uint_as_float(w & 0xFFFF0000u);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ float qmm_lo(uint32_t w) {
+  return QmmHalves<T>::lo(w);
+}
+
+template <typename T>
+__device__ __forceinline__ float qmm_hi(uint32_t w) {
+  return QmmHalves<T>::hi(w);
+}
+
+__device__ __forceinline__ float qmm_warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  }
+  return v;
+}
+
+// One warp's WTM x WTN block of out = x @ w.T, accumulated in float from the
+// shared tiles xs (WTM x BK, row pitch BKP) and ws (WTN x BK).
+// The product is computed transposed, out.T = w @ x.T, so that the weight
+// rows fill m16n8k16's 16-row side and the tokens its 8-column side: the
+// same 8-token granularity as Metal's 8x8 fragments.
+// Fragment layout (g = lane / 4, t = lane % 4): A holds rows g and g + 8 at
+// k = 2t, 2t+1 and 2t+8, 2t+9; B holds token g at those k; D holds rows g
+// and g + 8 at tokens 2t and 2t+1.
+template <typename T, int WTM, int WTN, int BK, int BKP>
+struct QmmWarpTile {
+  static constexpr int TM = WTM / 8;
+  static constexpr int TN = WTN / 16;
+  float acc[TN][TM][4];
+  int lane;
+
+  __device__ __forceinline__ void init(unsigned l) {
+    lane = static_cast<int>(l);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[j][i][e] = 0.0f;
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void mma(const T* xs, const T* ws) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      uint32_t a[TN][4];
+      uint32_t b[TM][2];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        // matrices: rows 0-7 | 8-15 at k 0-7, then the same rows at k 8-15
+        qmm_ldmatrix_x4(a[j], ws + (j * 16 + (lane & 15)) * BKP + kk + (lane >> 4) * 8);
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        // matrices: tokens 0-7 at k 0-7, then at k 8-15 (lanes 16-31 repeat 0-15)
+        qmm_ldmatrix_x2(b[i], xs + (i * 8 + (lane & 7)) * BKP + kk + ((lane >> 3) & 1) * 8);
+      }
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          QmmMma<T>::run(acc[j][i], a[j], b[i]);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* out, int m0, int n0, int M, int N) {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = n0 + j * 16 + g + (e >> 1) * 8;
+          const int m = m0 + i * 8 + 2 * t + (e & 1);
+          if (m < M && n < N) {
+            out[static_cast<size_t>(m) * static_cast<size_t>(N) + static_cast<size_t>(n)] =
+                static_cast<T>(acc[j][i][e]);
+          }
+        }
+      }
+    }
+  }
+};
+
+#endif  // QMMPERF_CUDA_QMM_LAYER

@@ -1,0 +1,56 @@
+// qmmperf tiled QMM: the tensor-core instructions of the CUDA layer, as inline PTX.
+//
+// ldmatrix and mma.sync m16n8k16 (sm_80 and newer, f16 or bf16 in, f32
+// accumulate). Kept apart from qmm_layer.cuh so that a CPU emulation of
+// these three functions can run the rest of the generated source unchanged.
+
+#ifndef QMMPERF_CUDA_QMM_PTX
+#define QMMPERF_CUDA_QMM_PTX
+
+__device__ __forceinline__ unsigned qmm_smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the address of
+// row l % 8 of matrix l / 8 and receives two elements of each.
+__device__ __forceinline__ void qmm_ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(qmm_smem_addr(p)));
+}
+
+__device__ __forceinline__ void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(qmm_smem_addr(p)));
+}
+
+// D = A (16x16, row-major) x B (16x8, column-major) + D in float.
+template <typename T>
+struct QmmMma;
+
+template <>
+struct QmmMma<__half> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct QmmMma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+#endif  // QMMPERF_CUDA_QMM_PTX

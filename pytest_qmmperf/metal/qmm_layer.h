@@ -1,0 +1,119 @@
+// qmmperf tiled QMM: the Metal layer.
+//
+// The kernel bodies (loaders, dequantization, bounds, the K loop) are
+// generated once for every language by pytest_qmmperf/tiled/source.py; they
+// call only what this file defines. pytest_qmmperf/cuda/qmm_layer.cuh defines
+// the same names for CUDA. MLX prepends <metal_stdlib> (with `using namespace
+// metal`) and bfloat16_t before this header.
+
+// Guarded so that several kernels can share one translation unit (the CI checks).
+#ifndef QMMPERF_METAL_QMM_LAYER
+#define QMMPERF_METAL_QMM_LAYER
+
+// Bits of an unsigned integer below 2^23 -> the same value as a float,
+// without an int-to-float conversion: 2^23 + q in the mantissa, minus 2^23.
+inline float qmm_q2f(uint32_t q) {
+  return as_type<float>(0x4B000000u | q) - 8388608.0f;
+}
+
+inline uint4 qmm_zero4() {
+  return uint4(0u);
+}
+
+inline uint32_t qmm_word(thread const uint4& v, int i) {
+  return v[i];
+}
+
+// The two 16-bit activations packed in a 32-bit word, low half first.
+template <typename T>
+inline float qmm_lo(uint32_t w) {
+  return static_cast<float>(as_type<T>(ushort(w & 0xFFFFu)));
+}
+
+template <typename T>
+inline float qmm_hi(uint32_t w) {
+  return static_cast<float>(as_type<T>(ushort(w >> 16)));
+}
+
+inline float qmm_warp_sum(float v) {
+  return simd_sum(v);
+}
+
+// One SIMD group's WTM x WTN block of out = x @ w.T, accumulated in float
+// from the threadgroup tiles xs (WTM x BK, row pitch BKP) and ws (WTN x BK).
+// Fragments are 8x8 simdgroup matrices: A = x (tokens x k), B = w.T (k x rows).
+// Each lane owns two elements of a fragment, at row fm and columns fn, fn+1
+// (the lane layout MLX's steel GEMM uses).
+template <typename T, int WTM, int WTN, int BK, int BKP>
+struct QmmWarpTile {
+  static constexpr int TM = WTM / 8;
+  static constexpr int TN = WTN / 8;
+  simdgroup_matrix<float, 8, 8> acc[TM][TN];
+  short fm;
+  short fn;
+
+  inline void init(uint lane) {
+    const short qid = short(lane / 4);
+    fm = short((qid & 4) + ((lane / 2) % 4));
+    fn = short((qid & 2) * 2 + (lane % 2) * 2);
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        acc[i][j].thread_elements()[0] = 0.0f;
+        acc[i][j].thread_elements()[1] = 0.0f;
+      }
+    }
+  }
+
+  inline void mma(const threadgroup T* xs, const threadgroup T* ws) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+      simdgroup_matrix<float, 8, 8> a[TM];
+      simdgroup_matrix<float, 8, 8> b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const threadgroup T* p = xs + (i * 8 + fm) * BKP + kk + fn;
+        a[i].thread_elements()[0] = static_cast<float>(p[0]);
+        a[i].thread_elements()[1] = static_cast<float>(p[1]);
+      }
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        // B(k = fm, row = fn + e) = w[row][k]
+        const threadgroup T* p = ws + (j * 8 + fn) * BKP + kk + fm;
+        b[j].thread_elements()[0] = static_cast<float>(p[0]);
+        b[j].thread_elements()[1] = static_cast<float>(p[BKP]);
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+    }
+  }
+
+  inline void store(device T* out, int m0, int n0, int M, int N) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const int m = m0 + i * 8 + fm;
+      if (m >= M) {
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int n = n0 + j * 8 + fn;
+        device T* o = out + size_t(m) * size_t(N) + size_t(n);
+        if (n < N) {
+          o[0] = static_cast<T>(acc[i][j].thread_elements()[0]);
+        }
+        if (n + 1 < N) {
+          o[1] = static_cast<T>(acc[i][j].thread_elements()[1]);
+        }
+      }
+    }
+  }
+};
+
+#endif  // QMMPERF_METAL_QMM_LAYER

@@ -1,0 +1,291 @@
+"""Parameters of the tiled QMM kernel family: validation, names and presets.
+
+One set of rules for every language the kernels are generated in, so that a
+tile that is accepted for Metal is the same tile that is compiled and
+verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
+
+Names::
+
+    tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
+    tiled:decode[:rRwW]                  the small-M kernel on its own, e.g. tiled:decode:r4w4
+
+``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
+``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
+a ``BM/WM`` x ``BN/WN`` sub-tile.  ``MAXM`` is the largest M still sent to
+the decode kernel (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+FAMILY = "tiled"
+
+#: SIMD-group width on Apple GPUs and warp width on NVIDIA GPUs.
+SIMD = 32
+#: Threads per threadgroup that both Metal and CUDA accept.
+MAX_THREADS = 1024
+#: Threadgroup memory of an Apple GPU threadgroup (CUDA's static limit is 48 KiB).
+TG_MEMORY_LIMIT = 32768
+#: Halves of padding per shared-memory row: keeps 16-byte rows and spreads banks.
+PAD = 8
+#: Fragment granularity. Tokens: 8 (Metal's 8x8 simdgroup matrix, the N of
+#: CUDA's m16n8k16). Weight rows: 16 (the M of m16n8k16; 8x8 divides it).
+#: Reduction: 16 (m16n8k16's K; Metal steps 8 within it).
+FRAG_TOKENS = 8
+FRAG_ROWS = 16
+FRAG_K = 16
+#: float accumulators one thread may hold before register pressure spills them.
+MAX_ACCUMULATORS = 128
+DEFAULT_BK = 32
+DEFAULT_DECODE_MAX_M = 8
+#: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
+DECODE_MAX_TOKENS = 8
+
+#: Quantization settings the kernels implement (affine mode only).
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16")
+
+
+class TileError(ValueError):
+    """Invalid kernel parameters; the message is one line naming them."""
+
+
+def _positive(name: str, label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TileError(f"{name}: {label}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The small-M kernel: each warp streams ``rows`` weight rows, ``warps`` warps a block.
+
+    Every lane reads one 16-byte weight vector per row per step, so a warp
+    has ``rows`` x 512 bytes in flight, and the whole K of a row is shared by
+    the 32 lanes of one warp (reduced with a SIMD sum).
+    """
+
+    rows: int = 4
+    warps: int = 4
+
+    def __post_init__(self) -> None:
+        name = self.name
+        _positive(name, "rows", self.rows)
+        _positive(name, "warps", self.warps)
+        if self.rows > 8:
+            raise TileError(f"{name}: rows={self.rows} exceeds 8 rows per warp (register budget)")
+        if self.threads > MAX_THREADS:
+            raise TileError(
+                f"{name}: {self.warps} warps make {self.threads} threads, over the "
+                f"{MAX_THREADS}-thread threadgroup limit"
+            )
+
+    @property
+    def threads(self) -> int:
+        return SIMD * self.warps
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.rows * self.warps
+
+    @property
+    def name(self) -> str:
+        if (self.rows, self.warps) == (4, 4):
+            return f"{FAMILY}:decode"
+        return f"{FAMILY}:decode:r{self.rows}w{self.warps}"
+
+    def params(self) -> dict[str, Any]:
+        return {"kernel": "decode", "rows": self.rows, "warps": self.warps}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A block tile ``bm x bn x bk`` split ``wm x wn`` over SIMD groups.
+
+    Construction validates everything that does not depend on the problem
+    shape and raises :class:`TileError` with a one-line reason.
+    """
+
+    bm: int
+    bn: int
+    bk: int = DEFAULT_BK
+    wm: int = 2
+    wn: int = 2
+    decode_max_m: int = DEFAULT_DECODE_MAX_M
+
+    def __post_init__(self) -> None:
+        name = self.name
+        for label in ("bm", "bn", "bk", "wm", "wn"):
+            _positive(name, label.upper(), getattr(self, label))
+        if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
+                or self.decode_max_m < 0:
+            raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
+        if self.bm % self.wm:
+            raise TileError(
+                f"{name}: BM={self.bm} is not divisible by WM={self.wm} (each of the WM x WN "
+                "SIMD groups takes an equal BM/WM x BN/WN sub-tile)"
+            )
+        if self.bn % self.wn:
+            raise TileError(
+                f"{name}: BN={self.bn} is not divisible by WN={self.wn} (each of the WM x WN "
+                "SIMD groups takes an equal BM/WM x BN/WN sub-tile)"
+            )
+        if self.warp_tile_m % FRAG_TOKENS:
+            raise TileError(
+                f"{name}: the SIMD-group tile BM/WM={self.warp_tile_m} must be a multiple of "
+                f"{FRAG_TOKENS} tokens (an 8x8 simdgroup matrix; the N of CUDA's m16n8k16)"
+            )
+        if self.warp_tile_n % FRAG_ROWS:
+            raise TileError(
+                f"{name}: the SIMD-group tile BN/WN={self.warp_tile_n} must be a multiple of "
+                f"{FRAG_ROWS} weight rows (the M of CUDA's m16n8k16)"
+            )
+        if self.bk % FRAG_K:
+            raise TileError(
+                f"{name}: BK={self.bk} must be a multiple of {FRAG_K} (the K of CUDA's m16n8k16)"
+            )
+        if self.threads > MAX_THREADS:
+            raise TileError(
+                f"{name}: WM x WN = {self.wm * self.wn} SIMD groups make {self.threads} threads, "
+                f"over the {MAX_THREADS}-thread threadgroup limit"
+            )
+        if self.shared_bytes > TG_MEMORY_LIMIT:
+            raise TileError(
+                f"{name}: needs {self.shared_bytes} bytes of threadgroup memory "
+                f"((BM+BN) x (BK+{PAD}) halves), over the {TG_MEMORY_LIMIT}-byte limit of "
+                "Apple GPUs"
+            )
+        if self.accumulators > MAX_ACCUMULATORS:
+            raise TileError(
+                f"{name}: a {self.warp_tile_m}x{self.warp_tile_n} SIMD-group tile holds "
+                f"{self.accumulators} float accumulators per thread, over {MAX_ACCUMULATORS} "
+                "(they would spill out of registers); raise WM or WN"
+            )
+
+    # --- derived tile arithmetic -------------------------------------
+
+    @property
+    def threads(self) -> int:
+        return SIMD * self.wm * self.wn
+
+    @property
+    def warp_tile_m(self) -> int:
+        return self.bm // self.wm
+
+    @property
+    def warp_tile_n(self) -> int:
+        return self.bn // self.wn
+
+    @property
+    def pitch(self) -> int:
+        """Elements per shared-memory row (BK plus padding)."""
+        return self.bk + PAD
+
+    @property
+    def shared_bytes(self) -> int:
+        """Threadgroup memory: a BM x BK activation tile and a BN x BK weight tile, 2-byte."""
+        return (self.bm + self.bn) * self.pitch * 2
+
+    @property
+    def accumulators(self) -> int:
+        return self.warp_tile_m * self.warp_tile_n // SIMD
+
+    @property
+    def name(self) -> str:
+        shape = f"{self.bm}x{self.bn}"
+        if self.bk != DEFAULT_BK:
+            shape += f"x{self.bk}"
+        name = f"{FAMILY}:{shape}:wm{self.wm}wn{self.wn}"
+        if self.decode_max_m != DEFAULT_DECODE_MAX_M:
+            name += f":d{self.decode_max_m}"
+        return name
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "kernel": "tiled", "BM": self.bm, "BN": self.bn, "BK": self.bk, "WM": self.wm,
+            "WN": self.wn, "decode_max_m": self.decode_max_m, "threads": self.threads,
+            "shared_bytes": self.shared_bytes,
+        }
+
+
+KernelConfig = TileConfig | DecodeConfig
+
+_TILE_RE = re.compile(
+    r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
+)
+_DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+))?$")
+
+GRAMMAR = (
+    f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
+    f"or {FAMILY}:decode[:rROWSwWARPS]"
+)
+
+
+def parse_name(name: str) -> KernelConfig:
+    """Parse a family name into its validated configuration.
+
+    ``tiled:160x32x32:wm4wn1`` and ``tiled:160x32:wm4wn1`` are the same
+    kernel; :attr:`TileConfig.name` gives the canonical spelling.
+    """
+    prefix, _, rest = name.partition(":")
+    if prefix != FAMILY or not rest:
+        raise TileError(f"{name!r} is not a {FAMILY} variant name: expected {GRAMMAR}")
+    m = _TILE_RE.match(rest)
+    if m:
+        return TileConfig(
+            bm=int(m["bm"]), bn=int(m["bn"]), bk=int(m["bk"] or DEFAULT_BK),
+            wm=int(m["wm"]), wn=int(m["wn"]),
+            decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
+        )
+    m = _DECODE_RE.match(rest)
+    if m:
+        if m["r"] is None:
+            return DecodeConfig()
+        return DecodeConfig(rows=int(m["r"]), warps=int(m["w"]))
+    raise TileError(f"{name!r}: cannot parse the parameters; expected {GRAMMAR}")
+
+
+#: The seed's ablation rows, in its order. 32x32 2x2 is MLX's own Metal
+#: default, 160x32 4x1 the seed's retile; 192x32 and 256x32 keep the 4x1
+#: split of the retile (their SIMD-group tiles are 48x32 and 64x32), so the
+#: rows differ only in BM.
+PRESETS: tuple[str, ...] = (
+    f"{FAMILY}:32x32:wm2wn2",
+    f"{FAMILY}:64x64:wm2wn2",
+    f"{FAMILY}:160x32:wm4wn1",
+    f"{FAMILY}:160x32:wm2wn2",
+    f"{FAMILY}:192x32:wm4wn1",
+    f"{FAMILY}:256x32:wm4wn1",
+    f"{FAMILY}:decode",
+)
+
+
+def spec_reason(config: KernelConfig, *, M: int, N: int, K: int, bits: int, group_size: int,
+                mode: str, transpose: bool, dtype: str) -> str | None:
+    """Why ``config`` cannot run this problem, or ``None`` when it can.
+
+    Shared by the variant's ``supports(spec)`` and by the launch path, so a
+    problem that is refused up front is refused with the same words later.
+    """
+    if mode != "affine":
+        return f"mode={mode!r}: the {FAMILY} kernels implement affine quantization only"
+    if not transpose:
+        return f"transpose=False: the {FAMILY} kernels compute x @ w.T only"
+    if bits not in BITS:
+        return f"bits={bits}: the {FAMILY} kernels support bits in {BITS}"
+    if group_size not in GROUP_SIZES:
+        return f"group_size={group_size}: the {FAMILY} kernels support group_size in {GROUP_SIZES}"
+    if dtype not in DTYPES:
+        return f"dtype={dtype!r}: the {FAMILY} kernels take activations in {DTYPES}"
+    if K % group_size:
+        return f"K={K}: must be a multiple of group_size={group_size}"
+    if isinstance(config, TileConfig) and M > config.decode_max_m and K % config.bk:
+        return f"K={K}: must be a multiple of BK={config.bk} for {config.name}"
+    if N * K * bits // 32 < 8:
+        # MLX passes inputs of fewer than 8 elements in Metal's constant
+        # address space, which the kernels' device-pointer loads cannot read.
+        return f"N={N}, K={K}: the packed weight must hold at least 8 words"
+    return None

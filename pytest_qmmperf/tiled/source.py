@@ -1,0 +1,399 @@
+"""The kernel generator: one body per kernel, rendered for Metal or CUDA.
+
+A kernel is MLX's custom-kernel triple — a header, a body and the names of
+its inputs and outputs — for ``mx.fast.metal_kernel`` or
+``mx.fast.cuda_kernel``.  The body (tile loaders, dequantization, bounds,
+the K loop, the launch geometry) is written once here; a :class:`Dialect`
+supplies the few tokens that differ (address spaces, barrier, thread
+indices) and its language's layer header supplies the fragment matrix
+multiply, so the Metal kernel and its CUDA mirror cannot drift apart.
+
+Both kernels read ``x`` (M, K), the packed weight ``w`` (N, K*bits/32) as
+``mx.quantize`` writes it (uint32 words, value ``j`` of a word at bits
+``j*bits``), and ``scales``/``biases`` (N, K/group_size) in the activation
+dtype, and write ``out`` (M, N) = ``x @ dequantize(w).T`` accumulated in
+float32.  M, N and K are read at run time from the arrays' shapes, so one
+compiled kernel serves every problem size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from pytest_qmmperf.tiled.config import (
+    DECODE_MAX_TOKENS,
+    PAD,
+    SIMD,
+    DecodeConfig,
+    KernelConfig,
+    TileConfig,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent
+INPUT_NAMES = ("x", "w", "scales", "biases")
+OUTPUT_NAMES = ("out",)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the languages, token by token."""
+
+    language: str
+    shared: str  # declaration qualifier of a threadgroup/shared array
+    tg: str  # pointer qualifier for threadgroup/shared memory
+    dev: str  # pointer qualifier for device memory
+    barrier: str
+    prologue: str  # defines tid, lane, warp, bx, by (block indices), M, N, K
+    layer_files: tuple[str, ...]  # the layer's headers, relative to the package
+
+    def layer(self) -> str:
+        return "\n".join((PACKAGE / f).read_text() for f in self.layer_files)
+
+
+METAL = Dialect(
+    language="metal",
+    shared="threadgroup",
+    tg="threadgroup",
+    dev="device",
+    barrier="threadgroup_barrier(mem_flags::mem_threadgroup)",
+    prologue="""\
+  const uint tid = thread_index_in_threadgroup;
+  const uint lane = thread_index_in_simdgroup;
+  const uint warp = simdgroup_index_in_threadgroup;
+  const int bx = int(threadgroup_position_in_grid.x);
+  const int by = int(threadgroup_position_in_grid.y);
+  const int M = x_shape[0];
+  const int K = x_shape[1];
+  const int N = w_shape[0];
+""",
+    layer_files=("metal/qmm_layer.h",),
+)
+
+CUDA = Dialect(
+    language="cuda",
+    shared="__shared__",
+    tg="",
+    dev="",
+    barrier="__syncthreads()",
+    prologue="""\
+  const unsigned tid = threadIdx.x;
+  const unsigned lane = tid % 32u;
+  const unsigned warp = tid / 32u;
+  const int bx = static_cast<int>(blockIdx.x);
+  const int by = static_cast<int>(blockIdx.y);
+  const int M = x_shape[0];
+  const int K = x_shape[1];
+  const int N = w_shape[0];
+""",
+    layer_files=("cuda/qmm_ptx.cuh", "cuda/qmm_layer.cuh"),
+)
+
+DIALECTS = {d.language: d for d in (METAL, CUDA)}
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """Everything ``mx.fast.{metal,cuda}_kernel`` needs, plus how to launch it.
+
+    ``name`` holds every parameter baked into the source and a hash of the
+    source itself: MLX caches compiled kernels by name, so two different
+    kernels must never share one.  The activation dtype ``T`` (and the
+    decode kernel's ``MR``) are template arguments, which MLX appends.
+    """
+
+    name: str
+    language: str
+    header: str
+    body: str
+    threads: int
+    input_names: tuple[str, ...] = INPUT_NAMES
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+
+
+# --- the shared bodies -----------------------------------------------------
+
+_TILED_LOAD = """\
+    // Global -> registers: x as 16-byte vectors, w as packed words with their group's affine terms.
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      const int r = i / XVR;
+      const int c = (i % XVR) * 8;
+      xr[j] = qmm_zero4();
+      if ((XV % THREADS == 0 || i < XV) && m0 + r < M) {
+        xr[j] = *((const $dev uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      const int r = i / WPR;
+      const int c = i % WPR;
+      wr[j] = 0u;
+      sr[j] = 0.0f;
+      br[j] = 0.0f;
+      if ((WW % THREADS == 0 || i < WW) && n0 + r < N) {
+        const size_t row = size_t(n0 + r);
+        const size_t g = row * size_t(G) + size_t((kl + c * PACK) / GS);
+        wr[j] = w[row * size_t(KW) + size_t(kl / PACK + c)];
+        sr[j] = float(scales[g]);
+        br[j] = float(biases[g]);
+      }
+    }
+"""
+
+_TILED_STORE = """\
+    // Registers -> shared: x copied as is; w dequantized, scale * q + bias, into T.
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      if (XV % THREADS == 0 || i < XV) {
+        *(($tg uint4*)(xs + (i / XVR) * BKP + (i % XVR) * 8)) = xr[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      if (WW % THREADS == 0 || i < WW) {
+        $tg T* dst = ws + (i / WPR) * BKP + (i % WPR) * PACK;
+#pragma unroll
+        for (int v = 0; v < PACK; ++v) {
+          const float q = qmm_q2f((wr[j] >> (v * BITS)) & MASK);
+          dst[v] = static_cast<T>(sr[j] * q + br[j]);
+        }
+      }
+    }
+"""
+
+_TILED_BODY = Template("""\
+  // Block (bx, by) computes out[by*BM : +BM, bx*BN : +BN]; SIMD group
+  // (wm, wn) of the WM x WN split its WTM x WTN part. The K loop keeps one
+  // BK-slice in shared memory while the next is loaded into registers.
+  constexpr int BM = $BM;
+  constexpr int BN = $BN;
+  constexpr int BK = $BK;
+  constexpr int WM = $WM;
+  constexpr int WN = $WN;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int THREADS = WM * WN * $SIMD;
+  constexpr int BKP = BK + $PAD;
+  constexpr int PACK = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int WTM = BM / WM;
+  constexpr int WTN = BN / WN;
+  constexpr int XVR = BK / 8;
+  constexpr int XV = BM * XVR;
+  constexpr int XJ = (XV + THREADS - 1) / THREADS;
+  constexpr int WPR = BK / PACK;
+  constexpr int WW = BN * WPR;
+  constexpr int WJ = (WW + THREADS - 1) / THREADS;
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int m0 = by * BM;
+  const int n0 = bx * BN;
+  const int wm = int(warp) / WN;
+  const int wn = int(warp) % WN;
+
+  $shared uint4 xs_raw[BM * BKP / 8];
+  $shared uint4 ws_raw[BN * BKP / 8];
+  $tg T* xs = ($tg T*)xs_raw;
+  $tg T* ws = ($tg T*)ws_raw;
+
+  uint4 xr[XJ];
+  uint32_t wr[WJ];
+  float sr[WJ];
+  float br[WJ];
+  QmmWarpTile<T, WTM, WTN, BK, BKP> tile;
+  tile.init(lane);
+
+  int kl = 0;
+$load
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    $barrier;
+$store
+    $barrier;
+    kl = k0 + BK;
+    if (kl < K) {
+$load
+    }
+    tile.mma(xs + wm * WTM * BKP, ws + wn * WTN * BKP);
+  }
+  tile.store(out, m0 + wm * WTM, n0 + wn * WTN, M, N);
+""")
+
+_DECODE_BODY = Template("""\
+  // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
+  // lanes split K: each step a lane reads one 16-byte vector (V weights,
+  // all in one quantization group) of each of the R rows, dequantizes it
+  // and multiplies it with the matching V activations of every token; the
+  // lanes' partial sums meet in a SIMD sum at the end.
+  constexpr int R = $R;
+  constexpr int NW = $NW;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int PACK = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int V = 128 / BITS;
+  constexpr int STEP = $SIMD * V;
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int n0 = (bx * NW + int(warp)) * R;
+  const int m0 = by * MR;
+
+  float acc[MR][R];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[m][r] = 0.0f;
+    }
+  }
+
+  for (int k = int(lane) * V; k < K; k += STEP) {
+    uint4 wv[R];
+    float s[R];
+    float b[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      wv[r] = qmm_zero4();
+      s[r] = 0.0f;
+      b[r] = 0.0f;
+      if (n0 + r < N) {
+        const size_t row = size_t(n0 + r);
+        const size_t g = row * size_t(G) + size_t(k / GS);
+        wv[r] = *((const $dev uint4*)(w + row * size_t(KW) + size_t(k / PACK)));
+        s[r] = float(scales[g]);
+        b[r] = float(biases[g]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < V / 8; ++c) {
+      float wf[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < 8; ++v) {
+          const uint32_t word = qmm_word(wv[r], (c * 8 + v) / PACK);
+          const uint32_t q = (word >> (((c * 8 + v) % PACK) * BITS)) & MASK;
+          wf[r][v] = s[r] * qmm_q2f(q) + b[r];
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        if (m0 + m < M) {
+          const uint4 xv =
+              *((const $dev uint4*)(x + size_t(m0 + m) * size_t(K) + size_t(k + c * 8)));
+          float xf[8];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            xf[2 * e] = qmm_lo<T>(qmm_word(xv, e));
+            xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int v = 0; v < 8; ++v) {
+              acc[m][r] += xf[v] * wf[r][v];
+            }
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float total = qmm_warp_sum(acc[m][r]);
+      if (lane == 0u && m0 + m < M && n0 + r < N) {
+        out[size_t(m0 + m) * size_t(N) + size_t(n0 + r)] = static_cast<T>(total);
+      }
+    }
+  }
+""")
+
+
+def _indent_free(text: str) -> str:
+    return text.rstrip("\n")
+
+
+def _render(template: Template, dialect: Dialect, **values: object) -> str:
+    snippets = {
+        key: Template(val).substitute(dev=dialect.dev, tg=dialect.tg)
+        for key, val in (("load", _TILED_LOAD), ("store", _TILED_STORE))
+    }
+    return template.substitute(
+        shared=dialect.shared, tg=dialect.tg, dev=dialect.dev, barrier=dialect.barrier,
+        prologue=_indent_free(dialect.prologue), load=_indent_free(snippets["load"]),
+        store=_indent_free(snippets["store"]), SIMD=SIMD, PAD=PAD, **values,
+    )
+
+
+def _name(stem: str, header: str, body: str) -> str:
+    digest = hashlib.sha1((header + "\0" + body).encode()).hexdigest()[:10]
+    return f"{stem}_{digest}"
+
+
+def generate(config: KernelConfig, *, bits: int, group_size: int, language: str) -> KernelSource:
+    """The kernel for ``config`` at these quantization settings, in ``language``."""
+    try:
+        dialect = DIALECTS[language]
+    except KeyError:
+        raise ValueError(
+            f"language={language!r}: kernels are generated for {', '.join(DIALECTS)}"
+        ) from None
+    header = dialect.layer()
+    if isinstance(config, TileConfig):
+        body = _render(
+            _TILED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
+            WN=config.wn, BITS=bits, GS=group_size,
+        )
+        stem = (
+            f"qmmperf_tiled_{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
+            f"_b{bits}_g{group_size}_{language}"
+        )
+    elif isinstance(config, DecodeConfig):
+        body = _render(
+            _DECODE_BODY, dialect, R=config.rows, NW=config.warps, BITS=bits, GS=group_size,
+        )
+        stem = f"qmmperf_decode_r{config.rows}w{config.warps}_b{bits}_g{group_size}_{language}"
+    else:
+        raise TypeError(f"not a kernel configuration: {config!r}")
+    return KernelSource(
+        name=_name(stem, header, body), language=language, header=header, body=body,
+        threads=config.threads,
+    )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def decode_tokens(M: int) -> int:
+    """The decode kernel's ``MR`` for M rows: the next power of two, at most 8."""
+    mr = 1
+    while mr < min(M, DECODE_MAX_TOKENS):
+        mr *= 2
+    return mr
+
+
+def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int],
+                                                             tuple[int, int, int]]:
+    """``(grid, threadgroup)`` in threads, as both ``metal_kernel`` and ``cuda_kernel`` take them.
+
+    The grid's x axis walks N (so neighbouring blocks share an activation
+    tile), its y axis walks M.
+    """
+    threads = config.threads
+    if isinstance(config, TileConfig):
+        blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm))
+    else:
+        blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, decode_tokens(M)))
+    return (blocks[0] * threads, blocks[1], 1), (threads, 1, 1)

@@ -1,0 +1,159 @@
+"""The ``tiled`` variants: configuration -> callable with ``mx.quantized_matmul``'s signature."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pytest_qmmperf.tiled.config import (
+    DTYPES,
+    FAMILY,
+    DecodeConfig,
+    KernelConfig,
+    TileConfig,
+    TileError,
+    spec_reason,
+)
+from pytest_qmmperf.tiled.source import KernelSource, decode_tokens, generate, geometry
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+    from pytest_qmmperf.workloads.qmm import QmmSpec
+
+_lock = threading.Lock()
+#: (language, config, bits, group_size) -> (source, MLX kernel object). One
+#: entry per compiled kernel; MLX compiles each (kernel, template) once more
+#: on first launch and caches it under the source's unique name.
+_kernels: dict[tuple[str, KernelConfig, int, int], tuple[KernelSource, Any]] = {}
+
+
+def backend() -> str | None:
+    """``"metal"`` or ``"cuda"`` when MLX has that GPU backend here, else ``None``."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def available() -> str | None:
+    """``None`` when a tiled kernel can run on this machine, else why not."""
+    if backend() is None:
+        import mlx.core as mx
+
+        return (
+            "needs Metal or CUDA backend (this MLX build has neither; default device "
+            f"{mx.default_device()})"
+        )
+    return None
+
+
+def kernel(config: KernelConfig, *, bits: int, group_size: int, language: str
+           ) -> tuple[KernelSource, Any]:
+    """The source and MLX kernel object for ``config``, built once per process."""
+    key = (language, config, bits, group_size)
+    with _lock:
+        found = _kernels.get(key)
+        if found is None:
+            src = generate(config, bits=bits, group_size=group_size, language=language)
+            if language == "metal":
+                from pytest_qmmperf import metal as lang
+            else:
+                from pytest_qmmperf import cuda as lang  # type: ignore[no-redef]
+            found = _kernels[key] = (src, lang.build(src))
+    return found
+
+
+def built_kernels() -> list[str]:
+    """Names of the kernels built so far in this process."""
+    with _lock:
+        return [src.name for src, _ in _kernels.values()]
+
+
+class TiledQmm:
+    """A tiled QMM variant: ``x @ dequantize(w).T`` through the generated kernels.
+
+    M at most ``decode_max_m`` goes to the decode kernel (as MLX sends small
+    M to its matrix-vector kernel), larger M to the tile.
+    """
+
+    def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None) -> None:
+        self.config = config
+        self.decode = decode or DecodeConfig()
+
+    def __repr__(self) -> str:
+        return f"TiledQmm({self.config.name})"
+
+    def kernel_for(self, M: int) -> KernelConfig:
+        """The configuration that runs M rows."""
+        if isinstance(self.config, TileConfig) and M > self.config.decode_max_m:
+            return self.config
+        return self.decode if isinstance(self.config, TileConfig) else self.config
+
+    def supports(self, spec: QmmSpec) -> str | None:
+        return spec_reason(
+            self.config, M=spec.M, N=spec.N, K=spec.K, bits=spec.bits,
+            group_size=spec.group_size, mode=spec.mode, transpose=spec.transpose,
+            dtype=spec.dtype,
+        )
+
+    def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
+                 transpose: bool = True, group_size: int = 64, bits: int = 4,
+                 mode: str = "affine") -> mx.array:
+        import mlx.core as mx
+
+        name = self.config.name
+        if x.ndim < 1 or w.ndim != 2:
+            raise ValueError(f"{name}: x must be (..., K) and w (N, K*bits/32), got "
+                             f"{tuple(x.shape)} and {tuple(w.shape)}")
+        K = int(x.shape[-1])
+        M = math.prod(int(d) for d in x.shape[:-1])
+        N = int(w.shape[0])
+        dtype = str(x.dtype).removeprefix("mlx.core.")
+        reason = spec_reason(self.config, M=M, N=N, K=K, bits=bits, group_size=group_size,
+                             mode=mode, transpose=transpose, dtype=dtype)
+        if reason is None and biases is None:
+            reason = "biases=None: affine quantization needs biases"
+        if reason is None and (w.dtype != mx.uint32 or int(w.shape[1]) * 32 != K * bits):
+            reason = (f"w is {w.dtype} {tuple(w.shape)}: expected uint32 ({N}, {K * bits // 32}) "
+                      f"for K={K} at bits={bits}, as mx.quantize packs it")
+        if reason is None and tuple(scales.shape) != (N, K // group_size):
+            reason = (f"scales are {tuple(scales.shape)}: expected ({N}, {K // group_size}) "
+                      f"for group_size={group_size}")
+        if reason is None and tuple(biases.shape) != tuple(scales.shape):  # type: ignore[union-attr]
+            reason = f"biases are {tuple(biases.shape)}: expected {tuple(scales.shape)}"  # type: ignore[union-attr]
+        if reason is not None:
+            raise TileError(f"{name}: {reason}")
+        language = backend()
+        if language is None:
+            raise RuntimeError(f"{name}: {available()}")
+        config = self.kernel_for(M)
+        _, kern = kernel(config, bits=bits, group_size=group_size, language=language)
+        grid, threadgroup = geometry(config, M, N)
+        template: list[tuple[str, Any]] = [("T", x.dtype)]
+        if isinstance(config, DecodeConfig):
+            template.append(("MR", decode_tokens(M)))
+        (out,) = kern(
+            inputs=[x.reshape(M, K), w, scales, biases],
+            template=template,
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=[(M, N)],
+            output_dtypes=[x.dtype],
+        )
+        return out.reshape(*x.shape[:-1], N)
+
+
+def describe(config: KernelConfig) -> str:
+    """One line for ``qmmperf variants``."""
+    if isinstance(config, DecodeConfig):
+        return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {config.warps} "
+                f"warps a block; affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
+    return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
+            f"{config.wm}x{config.wn} SIMD groups, decode kernel for M <= {config.decode_max_m}; "
+            "affine bits 4/8 (Metal, CUDA)")

@@ -16,7 +16,7 @@ show`` stays readable::
      "reference": {"workload": ..., "samples": [...]},
      "benchmarks": [
       {"name": ..., "kind": ..., "params": {...}, "samples": {metric: [...]},
-       "summary": {metric: {...}}, "reference": [...]},
+       "summary": {metric: {...}}, "reference_s": ...},
       ...
      ]}
 
@@ -80,8 +80,9 @@ class Entry:
     """One benchmark of a baseline.
 
     ``samples`` hold the compacted samples of gated metrics, ``summary`` a
-    few :class:`stats.Summary` fields of every metric; ``reference`` the reference
-    workload's samples measured next to this benchmark (may be empty).
+    few :class:`stats.Summary` fields of every metric; ``reference_s`` the
+    median of the reference workload in the session that recorded this entry
+    (entries merged from several sessions each keep their own).
     """
 
     name: str
@@ -89,7 +90,7 @@ class Entry:
     params: dict[str, Any]
     samples: dict[str, list[float]]
     summary: dict[str, dict[str, float]]
-    reference: list[float] = field(default_factory=list)
+    reference_s: float | None = None
 
     def median(self, metric: str) -> float | None:
         """The metric's median at recording (``None`` if it was not measured)."""
@@ -105,8 +106,8 @@ class Entry:
             "samples": self.samples,
             "summary": self.summary,
         }
-        if self.reference:
-            out["reference"] = self.reference
+        if self.reference_s is not None:
+            out["reference_s"] = self.reference_s
         return out
 
 
@@ -132,7 +133,7 @@ def compact_samples(values: Sequence[float]) -> list[float]:
     return kept[:8] if kept[0] == kept[-1] else kept
 
 
-def entry_from_result(result: BenchResult, reference: Sequence[float] = ()) -> Entry:
+def entry_from_result(result: BenchResult, reference_s: float | None = None) -> Entry:
     """The stored form of one measured benchmark.
 
     Gated metrics keep compacted samples and a summary (n, median, IQR, min,
@@ -149,7 +150,7 @@ def entry_from_result(result: BenchResult, reference: Sequence[float] = ()) -> E
         summary[name] = _summary_dict(values, full=gated)
         if gated:
             samples[name] = compact_samples(values)
-    ref = compact_samples(reference) if reference else []
+    ref = stats.round_sig(reference_s, 5) if reference_s is not None else None
     return Entry(result.name, result.kind, normalize(result.params), samples, summary, ref)
 
 
@@ -200,16 +201,14 @@ def new_baseline(
     revision: Mapping[str, Any],
     reference: Sequence[float] = (),
     reference_workload: str = "",
-    references: Mapping[str, Sequence[float]] | None = None,
     tool: str = "",
 ) -> Baseline:
     """A baseline of ``results`` for ``hardware`` (a fingerprint with ``key``) at ``revision``.
 
-    ``references`` maps a result's name to the reference samples measured
-    next to it.
+    ``reference`` holds the session's reference workload samples.
     """
-    references = references or {}
-    entries = {r.name: entry_from_result(r, references.get(r.name, ())) for r in results}
+    ref_median = stats.summarize(reference).median if reference else None
+    entries = {r.name: entry_from_result(r, ref_median) for r in results}
     return Baseline(
         hardware_key=str(hardware["key"]),
         hardware=normalize(dict(hardware)),
@@ -236,6 +235,14 @@ def _samples(value: Any, where: str) -> list[float]:
     ):
         raise ValueError(f"{where}: expected a list of finite numbers")
     return [float(v) for v in value]
+
+
+def _positive(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{where}: expected a positive number")
+    return float(value)
 
 
 def loads(text: str | bytes, source: str) -> Baseline:
@@ -278,7 +285,7 @@ def loads(text: str | bytes, source: str) -> Baseline:
                 samples={m: _samples(v, f"{where}.samples.{m}")
                          for m, v in dict(item.get("samples", {})).items()},
                 summary={m: dict(v) for m, v in dict(item.get("summary", {})).items()},
-                reference=_samples(item.get("reference", []), f"{where}.reference"),
+                reference_s=_positive(item.get("reference_s"), f"{where}.reference_s"),
             )
         return Baseline(
             hardware_key=str(data["hardware_key"]),

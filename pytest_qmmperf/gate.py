@@ -290,6 +290,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value * 1e6:.2f} us"
     if unit == "%":
         return f"{value:.1f}%"
+    if unit == "GB" and abs(value) < 0.1:
+        return f"{value * 1e3:.4g} MB"
     return f"{value:.4g} {unit}".rstrip()
 
 

@@ -68,6 +68,12 @@ def qmm_bench(request: pytest.FixtureRequest) -> Generator[QmmBench, None, None]
     yield QmmBench(request, get_session(request.config))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Bad qmm_threshold markers fail before any benchmark runs.
+    if session_key in config.stash:
+        get_session(config).check_markers(items)
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]
                                          ) -> None:
     if session_key not in config.stash:

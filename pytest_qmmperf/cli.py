@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare.add_parser(sub)
 
+    from pytest_qmmperf import sweep  # light: MLX and mlx-lm load when it runs
+
+    sweep.add_parser(sub)
+
     return parser
 
 

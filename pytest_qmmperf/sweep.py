@@ -4,9 +4,9 @@
         --variants mlx,dequant [--rounds R] [--markdown PATH] [--json PATH] [--plot PATH]
 
 One model is built (or loaded) once; for each variant in turn every quantized
-layer is re-routed through it (same weights), check mode verifies its
-logits, then a cold run, a warm-up run and ``--rounds`` measured rounds follow
-(:class:`~pytest_qmmperf.workloads.prefill.PrefillRunner`).  Each cell is
+layer is re-routed through it (same weights); a cold run and a warm-up run,
+check mode's verification of its logits, and ``--rounds`` measured rounds
+follow (:class:`~pytest_qmmperf.workloads.prefill.PrefillRunner`).  Each cell is
 the median of the rounds; the last column compares TTFT, generation rate and
 memory with the first row.  ``cold_start_s`` of later rows is lower than a
 fresh process would see: kernels shared with earlier rows (attention, norms)
@@ -326,13 +326,14 @@ def run_sweep(
     rows = []
     for name in names:
         runner.set_variant(name)
+        # Cold run first, so that check mode's forward passes compile nothing for it.
+        cold = runner.warmup()
         try:
             runner.check()
         except AssertionError as exc:
             say(f"{name}: check failed: {exc}")
-            rows.append(SweepRow(name, error=f"check failed: {exc}"))
+            rows.append(SweepRow(name, cold_start_s=cold, error=f"check failed: {exc}"))
             continue
-        cold = runner.warmup()
         samples: dict[str, list[float]] = {}
         for _ in range(rounds):
             for metric, value in runner.run_round().items():

@@ -374,3 +374,46 @@ def test_swap_variant_is_idempotent_on_the_same_model():
     runner = PrefillRunner(PrefillSpec("tiny", prompt_tokens=8, gen_tokens=2))
     assert swap_variant(runner.model, get_variant("dequant")) == 15
     assert swap_variant(runner.model, get_variant("mlx")) == 15
+
+
+# --- benchmarks/gpu_prefill.py: the GPU figures' script, run here with the tiny model ----
+
+
+def _gpu_prefill():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_prefill.py"
+    spec = importlib.util.spec_from_file_location("gpu_prefill", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_spread_and_schedule():
+    gp = _gpu_prefill()
+    assert gp.spread_pct([126.0, 167.0, 150.0]) == pytest.approx(100 * 41 / 150)
+    assert math.isnan(gp.spread_pct([1.0]))
+    assert gp.schedule(["mlx", "dequant"], 3) == [
+        (1, "mlx"), (1, "dequant"), (2, "dequant"), (2, "mlx"), (3, "mlx"), (3, "dequant")]
+
+
+def test_gpu_script_end_to_end_on_tiny(tmp_path, capsys):
+    gp = _gpu_prefill()
+    out = tmp_path / "res"
+    args = ["--model", "tiny", "--prompt-tokens", "48", "--gen-tokens", "4", "--prefill-step",
+            "16", "--variants", "mlx", "--runs", "2", "--rounds", "2", "--out", str(out)]
+    assert gp.main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    mlx = summary["per_variant"]["mlx"]
+    assert mlx["runs"] == [1, 2] and len(mlx["cold_start_s"]) == 2
+    medians = mlx["run_medians"]["ttft_s"]
+    assert mlx["spread_pct"]["ttft_s"] == pytest.approx(gp.spread_pct(medians))
+    run1 = json.loads((out / "run1-mlx.json").read_text())
+    assert run1["naive"]["gen_tps"] == pytest.approx(4 / run1["timings"][0]["decode_s"][0])
+    assert run1["check_relative_error"] <= prefill.CHECK_TOLERANCE
+    assert "TTFT spread" in printed and printed.rstrip().endswith("summary.md")
+    # A second invocation reuses what is there instead of measuring again.
+    assert gp.main(args) == 0
+    assert "reusing" in capsys.readouterr().out

@@ -269,6 +269,36 @@ def test_swapped_kernel_changes_the_output():
         unregister_variant(name)
 
 
+def test_out_of_memory_is_a_clear_error():
+    def exhausted(*_a, **_k):
+        raise RuntimeError("[malloc] Unable to allocate 68719476736 bytes.")
+
+    name = _register(exhausted)
+    try:
+        runner = PrefillRunner(PrefillSpec("tiny", prompt_tokens=8, gen_tokens=2, variant=name))
+        with pytest.raises(prefill.PrefillOutOfMemory) as info:
+            runner.warmup()
+    finally:
+        unregister_variant(name)
+    assert isinstance(info.value, PrefillError) and isinstance(info.value, RuntimeError)
+    assert str(info.value).startswith(f"out of memory running tiny p8/g2 affine4g64 {name} ")
+    assert "lower prompt_tokens or prefill_step" in str(info.value)
+
+
+def test_other_runtime_errors_are_not_disguised():
+    def broken(*_a, **_k):
+        raise RuntimeError("kernel launch failed: invalid argument")
+
+    name = _register(broken)
+    try:
+        runner = PrefillRunner(PrefillSpec("tiny", prompt_tokens=8, gen_tokens=2, variant=name))
+        with pytest.raises(RuntimeError, match="kernel launch failed") as info:
+            runner.warmup()
+    finally:
+        unregister_variant(name)
+    assert not isinstance(info.value, PrefillError)
+
+
 # --- check mode -------------------------------------------------------------------
 
 

@@ -64,6 +64,13 @@ class PrefillError(ValueError):
     """A prefill workload that cannot run: bad model, lengths, quantization or variant."""
 
 
+class PrefillOutOfMemory(PrefillError, RuntimeError):
+    """The device ran out of memory: the workload is too big for this machine.
+
+    Also a ``RuntimeError``, the type MLX raises for it, so handlers of either see it.
+    """
+
+
 class PrefillUnavailable(RuntimeError):
     """mlx-lm (the ``lm`` extra) is not installed."""
 
@@ -493,9 +500,14 @@ def _resolve_variant(name: str) -> Variant:
 # --- measuring -------------------------------------------------------------
 
 
+#: How MLX's backends word an allocation failure (CPU, Metal, CUDA).
+_OOM_WORDS = ("out of memory", "unable to allocate", "failed to allocate", "malloc]",
+              "attempting to allocate", "cudaerrormemoryallocation", "insufficient memory")
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "out of memory" in text or "attempting to allocate" in text or "malloc" in text
+    return any(word in text for word in _OOM_WORDS)
 
 
 def _median(values: list[float]) -> float:
@@ -715,8 +727,8 @@ class PrefillRunner:
                     decode_times.append(t[-1] - t[0])
         except RuntimeError as exc:
             if _is_out_of_memory(exc):
-                raise PrefillError(
-                    f"{spec.label()}: out of device memory ({exc}); lower prompt_tokens or "
+                raise PrefillOutOfMemory(
+                    f"out of memory running {spec.label()} ({exc}); lower prompt_tokens or "
                     "prefill_step"
                 ) from None
             raise

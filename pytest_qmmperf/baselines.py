@@ -81,8 +81,8 @@ class Entry:
 
     ``samples`` hold the compacted samples of gated metrics, ``summary`` a
     few :class:`stats.Summary` fields of every metric; ``reference_s`` the
-    median of the reference workload in the session that recorded this entry
-    (entries merged from several sessions each keep their own).
+    median of the reference workload timed around this benchmark when it
+    was recorded.
     """
 
     name: str
@@ -202,13 +202,17 @@ def new_baseline(
     reference: Sequence[float] = (),
     reference_workload: str = "",
     tool: str = "",
+    local_reference: Mapping[str, float] | None = None,
 ) -> Baseline:
     """A baseline of ``results`` for ``hardware`` (a fingerprint with ``key``) at ``revision``.
 
-    ``reference`` holds the session's reference workload samples.
+    ``reference`` holds the session's reference workload samples;
+    ``local_reference`` the reference median measured around each result
+    (by name), else the session's median stands in.
     """
     ref_median = stats.summarize(reference).median if reference else None
-    entries = {r.name: entry_from_result(r, ref_median) for r in results}
+    local = local_reference or {}
+    entries = {r.name: entry_from_result(r, local.get(r.name, ref_median)) for r in results}
     return Baseline(
         hardware_key=str(hardware["key"]),
         hardware=normalize(dict(hardware)),

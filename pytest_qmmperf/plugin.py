@@ -65,7 +65,9 @@ def get_session(config: pytest.Config) -> QmmSession:
 @pytest.fixture
 def qmm_bench(request: pytest.FixtureRequest) -> Generator[QmmBench, None, None]:
     """Benchmark one QMM, model prefill or MLX callable (times it with --qmm-bench)."""
-    yield QmmBench(request, get_session(request.config))
+    state = get_session(request.config)
+    state.before_benchmark()  # reference workload burst, for machine drift
+    yield QmmBench(request, state)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_qmmperf import baselines, gate, timing
+from pytest_qmmperf import baselines, gate, stats, timing
 from pytest_qmmperf import revision as rev
 from pytest_qmmperf.metrics import BenchResult
 from pytest_qmmperf.options import Options
@@ -35,18 +35,19 @@ class ReferenceWorkload:
     """A fixed MLX workload timed in short bursts to track the machine's own speed.
 
     It is one 4-bit affine ``mx.quantized_matmul`` of a fixed shape with fixed
-    inputs and a fixed number of launches per round, so its time changes only
-    when the machine (clock, thermal state, other load) or MLX changes.  A
-    burst follows every benchmark, so the session's reference samples cover
-    the whole session, not just its start.
+    inputs and a fixed number of launches per round (a round lasts a few
+    milliseconds, like a benchmark's), so its time changes only when the
+    machine (clock, thermal state, other load) or MLX changes.  A burst runs
+    right before and right after every benchmark: the machine's speed is
+    taken where and when the benchmark ran, not once at the session's start.
     """
 
     def __init__(self, backend: str) -> None:
         if backend == "cpu":
             # MLX's CPU QMM is slow and its fp16 path emulated: a small float32 shape.
-            self.shape, self.dtype, self.launches = (16, 256, 256), "float32", 2
+            self.shape, self.dtype, self.launches = (16, 256, 256), "float32", 8
         else:
-            self.shape, self.dtype, self.launches = (512, 2048, 2048), "float16", 16
+            self.shape, self.dtype, self.launches = (512, 2048, 2048), "float16", 32
         self._timer: timing.RoundTimer | None = None
 
     @property
@@ -78,7 +79,7 @@ class ReferenceWorkload:
         timer.round_times_s.clear()
         return timer
 
-    def burst(self, overhead_s: float, rounds: int = 5) -> list[float]:
+    def burst(self, overhead_s: float, rounds: int = 7) -> list[float]:
         """``rounds`` samples of the reference workload (seconds per launch)."""
         if self._timer is None:
             self._timer = self._build(overhead_s)
@@ -117,6 +118,9 @@ class QmmSession:
         self.hook_variants: list[str] = []
         #: Reference workload samples of this session, in order.
         self.reference_samples: list[float] = []
+        #: Reference samples taken around each benchmark (before and after), by test.
+        self.local_reference: dict[str, list[float]] = {}
+        self._pending_reference: list[float] = []
         #: Lines for the report's footer (baseline saved, HEAD detached, ...).
         self.notes: list[str] = []
         self.saved: baselines.Saved | None = None
@@ -259,29 +263,42 @@ class QmmSession:
             return self.thresholds
         return self.thresholds.with_marker(mark.args, mark.kwargs)
 
-    def drift_for(self, state: GateState, entry: baselines.Entry | None) -> gate.Drift | None:
-        """Machine drift since the baseline was recorded, from the reference samples so far.
+    def drift_for(self, state: GateState, entry: baselines.Entry | None,
+                  current: list[float] | None = None) -> gate.Drift | None:
+        """Machine drift since the baseline was recorded.
 
-        An entry merged in from an earlier recording session carries that
-        session's reference median; the baseline's samples are rescaled to it.
+        ``current`` holds the reference samples taken around this benchmark
+        (default: the whole session's).  The baseline side is the recording
+        session's reference samples, rescaled to the median that was measured
+        around this entry's own benchmark (``reference_s``): the speed ratio
+        is local on both sides, its spread that of a whole session.
         """
         found = state.found
-        if found is None or not found.baseline.reference or not self.reference_samples:
+        current = current if current is not None else self.reference_samples
+        if found is None or not found.baseline.reference or not current:
             return None
         base = list(found.baseline.reference)
         anchor = entry.reference_s if entry is not None else None
         if anchor:
-            median = sorted(base)[len(base) // 2]
+            median = stats.summarize(base).median
             base = [v * anchor / median for v in base]
         same_mlx = found.baseline.mlx_version == str(state.fingerprint.get("mlx_version"))
-        return gate.estimate_drift(base, self.reference_samples, same_mlx=same_mlx)
+        return gate.estimate_drift(base, current, same_mlx=same_mlx)
+
+    def before_benchmark(self) -> None:
+        """Time a reference burst before a ``qmm_bench`` test (only with --qmm-bench)."""
+        if self.options.enabled:
+            self._pending_reference = self.reference().burst(self.eval_overhead_s())
 
     def record(self, result: BenchResult, item: pytest.Item) -> str | None:
         """Keep ``result`` and judge it; return a failure message when it regressed."""
         self.results.append(result)
         if not self.options.enabled:
             return None
-        self.reference_samples += self.reference().burst(self.eval_overhead_s())
+        local = self._pending_reference + self.reference().burst(self.eval_overhead_s())
+        self._pending_reference = []
+        self.local_reference[result.name] = local
+        self.reference_samples += local
         state = self.gate_state()
         if state.error:
             return state.error
@@ -300,7 +317,7 @@ class QmmSession:
             baseline_medians={m: s["median"] for m, s in entry.summary.items()} if entry else {},
             thresholds=thresholds,
             baseline_revision=found.sha if found else None,
-            drift=self.drift_for(state, entry),
+            drift=self.drift_for(state, entry, local),
             enforce_timing=enforce,
         )
         if self.options.save_baseline:
@@ -404,6 +421,8 @@ class QmmSession:
         base = baselines.new_baseline(
             self.results, hardware=fp, revision=revision, reference=self.reference_samples,
             reference_workload=self.reference().description, tool=f"pytest-qmmperf {__version__}",
+            local_reference={name: stats.summarize(v).median
+                             for name, v in self.local_reference.items() if v},
         )
         try:
             self.saved = baselines.save(self.options.baseline_dir, base)

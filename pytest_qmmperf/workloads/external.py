@@ -304,7 +304,9 @@ def parse_uzu(document: Any, where: str = "uzu results") -> ExternalResults:
 
 
 def _uzu_identity(rec: dict[str, Any], tokens_in: float) -> dict[str, Any]:
-    task = rec.get("task") if isinstance(rec.get("task"), dict) else {}
+    task = rec.get("task")
+    if not isinstance(task, dict):
+        task = {}
     return {
         "model": task.get("repo_id") or task.get("identifier"),
         "tokens_in": int(tokens_in),

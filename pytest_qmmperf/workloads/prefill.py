@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pytest_qmmperf.workloads.qmm import DTYPES, MODES
 from pytest_qmmperf.workloads.shapes import PRESETS, ModelPreset, preset_names
@@ -285,12 +285,12 @@ def _random_affine(model: nn.Module, spec: PrefillSpec, dtype: Any,
     """
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
 
     predicate = _quant_predicate(spec.group_size)
     targets = [
         (path, m)
-        for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        for path, m in _leaf_modules(model)
         if isinstance(m, (nn.Linear, nn.Embedding)) and predicate(path, m)
     ]
     keys = mx.random.split(mx.random.key(spec.seed), max(len(targets), 1))
@@ -457,7 +457,7 @@ def swap_variant(model: nn.Module, variant: Variant, *, rows: tuple[int, ...] = 
     one of them raises :class:`PrefillError` naming layer and reason.
     """
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
 
     linear_cls, embedding_cls = _quantized_classes()
     reason = variant.available()
@@ -465,7 +465,7 @@ def swap_variant(model: nn.Module, variant: Variant, *, rows: tuple[int, ...] = 
         raise PrefillError(f"variant {variant.name!r} cannot run here: {reason}")
     replaced: list[tuple[str, nn.Module]] = []
     count = 0
-    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+    for path, module in _leaf_modules(model):
         if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
         dtype = str(module["scales"].dtype).rsplit(".", 1)[-1]
@@ -687,7 +687,7 @@ class PrefillRunner:
         )
         for token, _logprobs in gen:  # generate_step hands over token.item(): synchronised
             stamps.append(time.perf_counter())
-            tokens.append(token)
+            tokens.append(int(token))
         return stamps, tokens
 
     def _measure(self, label: str) -> dict[str, float]:
@@ -806,15 +806,23 @@ def _relative_error(got: mx.array, ref: mx.array) -> float:
     import mlx.core as mx
 
     diff = got - ref
-    num = mx.sqrt(mx.sum(diff * diff)).item()
-    den = mx.sqrt(mx.sum(ref * ref)).item()
-    return float(num / den) if den > 0 else float(num)
+    num = cast(float, mx.sqrt(mx.sum(diff * diff)).item())
+    den = cast(float, mx.sqrt(mx.sum(ref * ref)).item())
+    return num / den if den > 0 else num
 
 
 def _flat_arrays(params: Any) -> list[tuple[str, Any]]:
     from mlx.utils import tree_flatten
 
-    return tree_flatten(params)
+    return cast("list[tuple[str, Any]]", tree_flatten(params))
+
+
+def _leaf_modules(model: nn.Module) -> list[tuple[str, Any]]:
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return cast("list[tuple[str, Any]]", leaves)
 
 
 def _model_dtype(model: nn.Module) -> str:

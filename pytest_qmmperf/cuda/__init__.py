@@ -64,7 +64,7 @@ def kernel_name(src: KernelSource, template: Sequence[tuple[str, str | int]]) ->
 
 def translation_unit(src: KernelSource, *, dtype: str = "float16",
                      template: Sequence[tuple[str, str | int]] | None = None,
-                     default_header: bool = True) -> str:
+                     default_header: bool | str = True) -> str:
     """The CUDA source MLX 0.32 compiles for ``src`` with activations of ``dtype``.
 
     This follows ``build_kernel`` in MLX's ``backend/cuda/custom_kernel.cpp``:
@@ -72,11 +72,15 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
     ``__global__`` function taking each input (plus ``x_shape`` etc. as
     ``__grid_constant__`` when the body names them) and output, with the
     template arguments as ``using``/``constexpr`` lines ahead of the body.
+    ``default_header`` may be a replacement for :data:`DEFAULT_HEADER`, or
+    ``False`` for none.
     """
     if template is None:
         template = [("T", dtype)]
     input_dtypes = [dtype, "uint32", dtype, dtype]
-    parts = [DEFAULT_HEADER if default_header else "", src.header,
+    if default_header is True:
+        default_header = DEFAULT_HEADER
+    parts = [default_header or "", src.header,
              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n"]
     args: list[str] = []
     for arg_name, arg_dtype in zip(src.input_names, input_dtypes, strict=True):

@@ -65,6 +65,10 @@ inline __half __ushort_as_half(unsigned short u) {
   h.bits = u;
   return h;
 }
+inline __half __float2half_rn(float f) { return __half(f); }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 inline float __uint_as_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

@@ -37,6 +37,10 @@ struct QmmHalves<__half> {
   __device__ __forceinline__ static float hi(uint32_t w) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
   }
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(a))) |
+        (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(b))) << 16);
+  }
 };
 
 template <>
@@ -46,6 +50,10 @@ struct QmmHalves<__nv_bfloat16> {
   }
   __device__ __forceinline__ static float hi(uint32_t w) {
     return __uint_as_float(w & 0xFFFF0000u);
+  }
+  __device__ __forceinline__ static uint32_t pack(float a, float b) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(a))) |
+        (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(b))) << 16);
   }
 };
 
@@ -57,6 +65,12 @@ __device__ __forceinline__ float qmm_lo(uint32_t w) {
 template <typename T>
 __device__ __forceinline__ float qmm_hi(uint32_t w) {
   return QmmHalves<T>::hi(w);
+}
+
+// Two floats rounded to T, packed low half first (one 32-bit store to shared memory).
+template <typename T>
+__device__ __forceinline__ uint32_t qmm_pack(float a, float b) {
+  return QmmHalves<T>::pack(a, b);
 }
 
 __device__ __forceinline__ float qmm_warp_sum(float v) {

@@ -7,8 +7,14 @@
 #ifndef QMMPERF_CUDA_QMM_PTX
 #define QMMPERF_CUDA_QMM_PTX
 
+// Generic pointer -> 32-bit shared-window address, in PTX so that nothing
+// depends on which intrinsics NVRTC declares.
 __device__ __forceinline__ unsigned qmm_smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned addr;
+  asm("{\n  .reg .u64 a;\n  cvta.to.shared.u64 a, %1;\n  cvt.u32.u64 %0, a;\n}\n"
+      : "=r"(addr)
+      : "l"(p));
+  return addr;
 }
 
 // Four 8x8 b16 matrices from shared memory; lane l gives the address of

@@ -35,6 +35,13 @@ inline float qmm_hi(uint32_t w) {
   return static_cast<float>(as_type<T>(ushort(w >> 16)));
 }
 
+// Two floats rounded to T, packed low half first (one 32-bit store to threadgroup memory).
+template <typename T>
+inline uint32_t qmm_pack(float a, float b) {
+  return uint32_t(as_type<ushort>(static_cast<T>(a))) |
+      (uint32_t(as_type<ushort>(static_cast<T>(b))) << 16);
+}
+
 inline float qmm_warp_sum(float v) {
   return simd_sum(v);
 }

@@ -37,8 +37,9 @@ PAD = 8
 FRAG_TOKENS = 8
 FRAG_ROWS = 16
 FRAG_K = 16
-#: float accumulators one thread may hold before register pressure spills them.
-MAX_ACCUMULATORS = 128
+#: float accumulators one thread may hold: at 128 (a 64x64 SIMD-group tile)
+#: the CUDA kernel already spills registers on sm_90.
+MAX_ACCUMULATORS = 64
 DEFAULT_BK = 32
 DEFAULT_DECODE_MAX_M = 8
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.

@@ -158,11 +158,12 @@ _TILED_STORE = """\
     for (int j = 0; j < WJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (WW % THREADS == 0 || i < WW) {
-        $tg T* dst = ws + (i / WPR) * BKP + (i % WPR) * PACK;
+        $tg uint32_t* dst = ($tg uint32_t*)(ws + (i / WPR) * BKP + (i % WPR) * PACK);
 #pragma unroll
-        for (int v = 0; v < PACK; ++v) {
-          const float q = qmm_q2f((wr[j] >> (v * BITS)) & MASK);
-          dst[v] = static_cast<T>(sr[j] * q + br[j]);
+        for (int v = 0; v < PACK; v += 2) {
+          const float q0 = qmm_q2f((wr[j] >> (v * BITS)) & MASK);
+          const float q1 = qmm_q2f((wr[j] >> ((v + 1) * BITS)) & MASK);
+          dst[v / 2] = qmm_pack<T>(sr[j] * q0 + br[j], sr[j] * q1 + br[j]);
         }
       }
     }
@@ -226,6 +227,18 @@ $load
   tile.store(out, m0 + wm * WTM, n0 + wn * WTN, M, N);
 """)
 
+_DECODE_LOAD = """\
+    $w[r] = qmm_zero4();
+    $s[r] = 0.0f;
+    $b[r] = 0.0f;
+    if (n0 + r < N && $k < K) {
+      const size_t row = size_t(n0 + r);
+      const size_t g = row * size_t(G) + size_t($k / GS);
+      $w[r] = *((const $dev uint4*)(w + row * size_t(KW) + size_t($k / PACK)));
+      $s[r] = float(scales[g]);
+      $b[r] = float(biases[g]);
+    }"""
+
 _DECODE_BODY = Template("""\
   // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
   // lanes split K: each step a lane reads one 16-byte vector (V weights,
@@ -255,22 +268,24 @@ $prologue
     }
   }
 
-  for (int k = int(lane) * V; k < K; k += STEP) {
-    uint4 wv[R];
-    float s[R];
-    float b[R];
+  // Software pipelined: the next step's weights are in flight while this
+  // step's are dequantized and multiplied.
+  uint4 wv[R];
+  float s[R];
+  float b[R];
+  int k = int(lane) * V;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+$loadw
+  }
+  for (; k < K; k += STEP) {
+    uint4 wn[R];
+    float sn[R];
+    float bn[R];
+    const int kn = k + STEP;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      wv[r] = qmm_zero4();
-      s[r] = 0.0f;
-      b[r] = 0.0f;
-      if (n0 + r < N) {
-        const size_t row = size_t(n0 + r);
-        const size_t g = row * size_t(G) + size_t(k / GS);
-        wv[r] = *((const $dev uint4*)(w + row * size_t(KW) + size_t(k / PACK)));
-        s[r] = float(scales[g]);
-        b[r] = float(biases[g]);
-      }
+$loadn
     }
 #pragma unroll
     for (int c = 0; c < V / 8; ++c) {
@@ -305,6 +320,12 @@ $prologue
         }
       }
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      wv[r] = wn[r];
+      s[r] = sn[r];
+      b[r] = bn[r];
+    }
   }
 
 #pragma unroll
@@ -329,11 +350,26 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         key: Template(val).substitute(dev=dialect.dev, tg=dialect.tg)
         for key, val in (("load", _TILED_LOAD), ("store", _TILED_STORE))
     }
+    decode = Template(_DECODE_LOAD)
+    snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
+    snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
     return template.substitute(
         shared=dialect.shared, tg=dialect.tg, dev=dialect.dev, barrier=dialect.barrier,
         prologue=_indent_free(dialect.prologue), load=_indent_free(snippets["load"]),
-        store=_indent_free(snippets["store"]), SIMD=SIMD, PAD=PAD, **values,
+        store=_indent_free(snippets["store"]), loadw=_indent_free(snippets["loadw"]),
+        loadn=_indent_free(snippets["loadn"]), SIMD=SIMD, PAD=PAD, **values,
     )
+
+
+def compact(text: str) -> str:
+    """Drop comment-only lines, blank lines and indentation.
+
+    MLX concatenates and hashes a custom kernel's full source on every launch
+    (``cuda_kernel`` builds it per call, both backends hash it per eval), so
+    a shorter source is a cheaper launch; the layer files stay readable.
+    """
+    kept = (line.strip() for line in text.splitlines())
+    return "\n".join(line for line in kept if line and not line.startswith("//")) + "\n"
 
 
 def _name(stem: str, header: str, body: str) -> str:
@@ -349,7 +385,7 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         raise ValueError(
             f"language={language!r}: kernels are generated for {', '.join(DIALECTS)}"
         ) from None
-    header = dialect.layer()
+    header = compact(dialect.layer())
     if isinstance(config, TileConfig):
         body = _render(
             _TILED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
@@ -366,6 +402,7 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         stem = f"qmmperf_decode_r{config.rows}w{config.warps}_b{bits}_g{group_size}_{language}"
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")
+    body = compact(body)
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
         threads=config.threads,

@@ -85,6 +85,7 @@ class TiledQmm:
     def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None) -> None:
         self.config = config
         self.decode = decode or DecodeConfig()
+        self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None]] = {}
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -105,12 +106,31 @@ class TiledQmm:
     def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                  transpose: bool = True, group_size: int = 64, bits: int = 4,
                  mode: str = "affine") -> mx.array:
+        # Hot path: one dict lookup per call. Everything derived from the
+        # shapes (validation, kernel, launch geometry) is planned once per
+        # distinct problem; the wrapper otherwise costs more than MLX's own
+        # per-launch overhead.
+        key = (x.shape, x.dtype, w.shape, w.dtype, scales.shape, biases is None, bits,
+               group_size, mode, transpose)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(x, w, scales, biases, transpose=transpose,
+                                                 group_size=group_size, bits=bits, mode=mode)
+        kern, launch, flat = plan
+        if flat is None:
+            return kern(inputs=[x, w, scales, biases], **launch)[0]
+        out = kern(inputs=[x.reshape(flat), w, scales, biases], **launch)[0]
+        return out.reshape(*x.shape[:-1], int(w.shape[0]))
+
+    def _plan(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
+              transpose: bool, group_size: int, bits: int, mode: str
+              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None]:
         import mlx.core as mx
 
         name = self.config.name
         if x.ndim < 1 or w.ndim != 2:
-            raise ValueError(f"{name}: x must be (..., K) and w (N, K*bits/32), got "
-                             f"{tuple(x.shape)} and {tuple(w.shape)}")
+            raise TileError(f"{name}: x must be (..., K) and w (N, K*bits/32), got "
+                            f"{tuple(x.shape)} and {tuple(w.shape)}")
         K = int(x.shape[-1])
         M = math.prod(int(d) for d in x.shape[:-1])
         N = int(w.shape[0])
@@ -138,15 +158,9 @@ class TiledQmm:
         template: list[tuple[str, Any]] = [("T", x.dtype)]
         if isinstance(config, DecodeConfig):
             template.append(("MR", decode_tokens(M)))
-        (out,) = kern(
-            inputs=[x.reshape(M, K), w, scales, biases],
-            template=template,
-            grid=grid,
-            threadgroup=threadgroup,
-            output_shapes=[(M, N)],
-            output_dtypes=[x.dtype],
-        )
-        return out.reshape(*x.shape[:-1], N)
+        launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
+                  "output_shapes": [(M, N)], "output_dtypes": [x.dtype]}
+        return kern, launch, (None if x.ndim == 2 else (M, K))
 
 
 def describe(config: KernelConfig) -> str:

@@ -450,6 +450,16 @@ def save(root: Path, baseline: Baseline) -> Saved:
     return Saved(path, kept, replaced)
 
 
+def listing(root: Path, key: str) -> list[Baseline]:
+    """Every baseline of ``key`` in the folder, newest recorded commit first.
+
+    An unreadable file raises ``BaselineError`` (see :func:`load`).
+    """
+    loaded = [load(root / check_key(key) / f"{sha}.json") for sha in shas(root, key)]
+    return sorted(loaded, key=lambda b: (_timestamp(b.revision.get("date")), b.sha),
+                  reverse=True)
+
+
 # --- finding the baseline to compare with -------------------------------------
 
 

@@ -265,6 +265,32 @@ def estimate_drift(
     return Drift(ch.ratio, ch.ci_low, ch.ci_high, base, cur, applied, reason)
 
 
+def local_drift(
+    baseline_reference: Sequence[float] | None,
+    baseline_anchor: float | None,
+    current_reference: Sequence[float] | None,
+    *,
+    same_mlx: bool = True,
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+) -> Drift | None:
+    """Drift for one benchmark: :func:`estimate_drift` with the baseline side re-centred.
+
+    ``baseline_reference`` holds the recording session's reference samples,
+    ``baseline_anchor`` the reference median measured around this very
+    benchmark when it was recorded, ``current_reference`` the samples taken
+    around it now.  The baseline samples are rescaled to the anchor, so the
+    ratio compares the machine's speed where each benchmark ran, while the
+    spread is that of the whole recording session.
+    """
+    if not baseline_reference or not current_reference:
+        return None
+    base = list(baseline_reference)
+    if baseline_anchor:
+        median = stats.summarize(base).median
+        base = [v * baseline_anchor / median for v in base]
+    return estimate_drift(base, current_reference, same_mlx=same_mlx, confidence=confidence)
+
+
 def correct(metric: str, samples: Sequence[float], drift: Drift | None) -> list[float]:
     """``samples`` as if measured at the baseline's machine speed (unchanged if not applied)."""
     power = drift_power(metric)
@@ -529,3 +555,67 @@ def missing(test: str, metrics: Iterable[str], baseline_revision: str | None) ->
 def _unit(name: str) -> str:
     m = METRICS.get(name)
     return m.unit if m else ""
+
+
+# --- calibration --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A threshold for one metric, from repeated runs of unchanged code (A/A).
+
+    ``needed`` is the smallest threshold under which no A/A pair would have
+    failed; ``threshold`` adds the margin and rounds up to half a percent.
+    ``spread`` is the largest run-to-run ratio of medians minus one, for
+    scale.  ``worst`` names the benchmark that needed the most.
+    """
+
+    metric: str
+    threshold: float
+    needed: float
+    spread: float
+    pairs: int
+    worst: str
+
+
+def recommend_thresholds(
+    runs: Sequence[Mapping[str, Mapping[str, Sequence[float]]]],
+    *,
+    margin: float = 1.25,
+    floor: float = 0.01,
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+) -> dict[str, Recommendation]:
+    """Per gated metric, the threshold at which these A/A runs would all have passed.
+
+    ``runs`` holds one mapping per run: benchmark name -> metric -> samples.
+    Every ordered pair of runs is judged as baseline and current with the
+    gate's own rule; a pair fails at threshold ``T`` only when it is
+    significant and its interval reaches past ``T``, so the threshold it
+    needs is that interval's far end.  The recommendation is the largest
+    need times ``margin``, at least ``floor``, rounded up to 0.5%.
+    """
+    needs: dict[str, list[tuple[float, str]]] = {}
+    spreads: dict[str, float] = {}
+    for i, base in enumerate(runs):
+        for j, cur in enumerate(runs):
+            if i == j:
+                continue
+            for name, metrics in cur.items():
+                for metric, samples in metrics.items():
+                    meta = METRICS.get(metric)
+                    b = base.get(name, {}).get(metric)
+                    if meta is None or not meta.gated or not b or not samples:
+                        continue
+                    ch = stats.compare(b, samples, confidence)
+                    if meta.higher_is_better:
+                        need = 1.0 - ch.ci_low if ch.significant_decrease else 0.0
+                    else:
+                        need = ch.ci_high - 1.0 if ch.significant_increase else 0.0
+                    needs.setdefault(metric, []).append((need, name))
+                    spreads[metric] = max(spreads.get(metric, 0.0), abs(ch.ratio - 1.0))
+    out = {}
+    for metric, values in sorted(needs.items()):
+        need, worst = max(values)
+        rounded = math.ceil(max(floor, need * margin) * 200 - 1e-9) / 200
+        out[metric] = Recommendation(metric, rounded, need, spreads[metric], len(values), worst)
+    return out

@@ -274,16 +274,14 @@ class QmmSession:
         is local on both sides, its spread that of a whole session.
         """
         found = state.found
-        current = current if current is not None else self.reference_samples
-        if found is None or not found.baseline.reference or not current:
+        if found is None:
             return None
-        base = list(found.baseline.reference)
-        anchor = entry.reference_s if entry is not None else None
-        if anchor:
-            median = stats.summarize(base).median
-            base = [v * anchor / median for v in base]
-        same_mlx = found.baseline.mlx_version == str(state.fingerprint.get("mlx_version"))
-        return gate.estimate_drift(base, current, same_mlx=same_mlx)
+        return gate.local_drift(
+            found.baseline.reference,
+            entry.reference_s if entry is not None else None,
+            current if current is not None else self.reference_samples,
+            same_mlx=found.baseline.mlx_version == str(state.fingerprint.get("mlx_version")),
+        )
 
     def before_benchmark(self) -> None:
         """Time a reference burst before a ``qmm_bench`` test (only with --qmm-bench)."""

@@ -364,3 +364,61 @@ def test_prune_rejects_bad_input(repo: git.Repo) -> None:
 
     with pytest.raises(RevisionError, match="--rev 'nope'"):
         baselines.prune(repo, root, 1, protect_revs=["nope"])
+
+
+# --- the qmmperf baseline commands --------------------------------------------
+
+
+def test_cli_show_lists_baselines_and_marks_heads(repo: git.Repo, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_qmmperf import cli
+
+    a = git_commit(repo, "first", 1700000000)
+    record(repo, a)
+    b = git_commit(repo, "second", 1700000100)
+    record(repo, b)
+    record(repo, a, key=OTHER)
+    git_commit(repo, "third", 1700000200)
+    monkeypatch.chdir(repo.working_tree_dir)
+    assert cli.main(["baseline", "show", "--hardware", KEY]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{KEY}: 2 baselines in ")
+    assert out[1].startswith(f"  {b[:10]}  2023-11-14T22:15    1 benchmarks  MLX 0.32.4  tune QMM")
+    assert out[1].endswith("<- HEAD compares with this (1 commits back)")
+    assert out[2].startswith(f"  {a[:10]}") and "<-" not in out[2]
+    assert out[3] == f"other hardware: {OTHER}"
+    assert cli.main(["baseline", "show", "--hardware", KEY, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["head_baseline"] == b and [x["sha"] for x in data["baselines"]] == [b, a]
+
+
+def test_cli_show_reads_the_folder_from_pyproject(repo: git.Repo, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_qmmperf import cli
+
+    root = Path(repo.working_tree_dir)
+    (root / "pyproject.toml").write_text('[tool.pytest.ini_options]\nqmm_baseline_dir = "perf"\n')
+    a = git_commit(repo, "first", 1700000000)
+    baselines.save(root / "perf", make([result("t")], sha=a))
+    monkeypatch.chdir(root)
+    assert cli.main(["baseline", "show", "--hardware", KEY]) == 0
+    assert f"1 baseline in {root / 'perf' / KEY}" in capsys.readouterr().out
+
+
+def test_cli_prune(repo: git.Repo, monkeypatch: pytest.MonkeyPatch,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_qmmperf import cli
+
+    shas = [git_commit(repo, f"c{i}", 1700000000 + 100 * i) for i in range(4)]
+    for sha in shas:
+        record(repo, sha)
+    root = Path(repo.working_tree_dir) / "baselines"
+    monkeypatch.chdir(repo.working_tree_dir)
+    assert cli.main(["baseline", "prune", "--keep", "1", "--rev", shas[1], "--dry-run"]) == 0
+    assert "would remove 2, kept 2" in capsys.readouterr().out
+    assert len(baselines.shas(root, KEY)) == 4
+    assert cli.main(["baseline", "prune", "--keep", "1", "--rev", shas[1]]) == 0
+    assert "removed 2, kept 2; commit the deletions" in capsys.readouterr().out
+    assert baselines.shas(root, KEY) == {shas[3], shas[1]}
+    assert cli.main(["baseline", "prune", "--keep", "1", "--rev", "nope"]) == 2
+    assert "--rev 'nope': no such revision" in capsys.readouterr().err

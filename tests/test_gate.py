@@ -272,3 +272,29 @@ def test_verdict_rejects_unknown_status_and_serialises() -> None:
 )
 def test_format_value(value: float | None, unit: str, text: str) -> None:
     assert gate.format_value(value, unit) == text
+
+
+# --- calibration --------------------------------------------------------------
+
+
+def test_recommend_thresholds_from_aa_runs() -> None:
+    runs = [
+        {"t1": {"time_s": [1.00] * 5, "peak_memory_gb": [2.0] * 3, "tflops": [9.0] * 5}},
+        {"t1": {"time_s": [1.03] * 5, "peak_memory_gb": [2.0] * 3, "tflops": [8.7] * 5}},
+    ]
+    recs = gate.recommend_thresholds(runs)
+    assert set(recs) == {"time_s", "peak_memory_gb"}  # tflops is not gated
+    t = recs["time_s"]
+    # run 0 as baseline, run 1 current: exactly +3% -> needs 3%; x1.25 = 3.75% -> 4%.
+    assert (t.needed, t.threshold, t.pairs, t.worst) == (pytest.approx(0.03), 0.04, 2, "t1")
+    assert t.spread == pytest.approx(0.03)
+    m = recs["peak_memory_gb"]
+    assert (m.needed, m.threshold) == (0.0, 0.01)  # no noise: the 1% floor
+
+
+def test_recommend_thresholds_ignore_noise_that_is_not_significant() -> None:
+    a = lognormal(1e-3, 0.05, 10, 30)
+    b = lognormal(1e-3, 0.05, 10, 31)
+    assert not stats.compare(a, b).significant_increase
+    rec = gate.recommend_thresholds([{"t": {"time_s": a}}, {"t": {"time_s": b}}])["time_s"]
+    assert rec.needed == 0.0 and rec.threshold == 0.01

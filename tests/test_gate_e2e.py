@@ -346,3 +346,32 @@ def test_two_processes_saving_at_once_both_land(repo: Repo) -> None:
     assert sorted(b["name"] for b in data["benchmarks"]) == [
         "test_other.py::test_other", "test_suite.py::test_matmul"]
     assert sorted(os.listdir(repo.baseline_path(head).parent)) == [f"{head}.json"]
+
+
+def qmmperf(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
+    return subprocess.run([sys.executable, "-m", "pytest_qmmperf.cli", *args], cwd=repo.root,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_baseline_update_records_at_head(repo: Repo) -> None:
+    head = repo.git.head.commit.hexsha
+    done = qmmperf(repo, "baseline", "update", *FAST[1:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--qmm-bench --qmm-save-baseline" in done.stderr  # the command it ran
+    assert f"baseline saved: baselines/{KEY}/{head}.json (1 benchmark)" in done.stdout
+    shown = qmmperf(repo, "baseline", "show")
+    assert shown.returncode == 0 and f"{head[:10]}" in shown.stdout
+    assert "<- HEAD compares with this" in shown.stdout
+
+
+def test_calibrate_recommends_thresholds(repo: Repo) -> None:
+    done = qmmperf(repo, "calibrate", "--runs", "2", *FAST[1:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "A/A over 2 runs on this machine (every run judged against every other):"
+    row = next(x for x in lines if x.strip().startswith("time_s"))
+    assert row.split()[-1] == "test_suite.py::test_matmul" and row.split()[-2] == "2"
+    assert lines[-1].startswith('qmm_thresholds = ["peak_memory_gb=') and "time_s=" in lines[-1]
+    bad = qmmperf(repo, "calibrate", "--runs", "1")
+    assert bad.returncode == 2 and "need at least 2 runs" in bad.stderr

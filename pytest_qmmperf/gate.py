@@ -23,11 +23,15 @@ it stays within ``T``: more rounds (a tighter interval) or a larger ``T``
 decides such cases.  Measured on a shared 2-core CPU: see
 ``benchmarks/gate_accuracy.py``.
 
-**Machine drift.**  A fixed reference workload is timed in every session and
-stored with the baseline.  When it ran significantly faster or slower now
-than at recording (thermal throttling, a busy shared runner), the machine
-changed, not the code: time metrics are divided by the reference ratio and
-rate metrics multiplied by it before comparing, and every verdict says so.
+**Machine drift.**  A fixed reference workload is timed right before and
+right after every benchmark and stored with the baseline.  When it ran
+significantly faster or slower around a benchmark now than around the same
+benchmark at recording (thermal throttling, a busy shared runner), the
+machine changed, not the code: time metrics are divided by the reference
+ratio and rate metrics multiplied by it before comparing, and every verdict
+says so.  The ratio is taken between the faster halves of the reference
+samples, so a passing spike in a few reference rounds does not count as a
+slower machine (see :func:`local_drift`).
 Memory is never scaled.  No correction is made across MLX versions, since the
 reference workload runs on MLX too and an MLX slowdown is a regression to
 catch, not drift to explain away.  Nothing is widened: the interval is the
@@ -273,22 +277,57 @@ def local_drift(
     same_mlx: bool = True,
     confidence: float = stats.DEFAULT_CONFIDENCE,
 ) -> Drift | None:
-    """Drift for one benchmark: :func:`estimate_drift` with the baseline side re-centred.
+    """Drift for one benchmark, from the faster half of the reference samples on each side.
 
     ``baseline_reference`` holds the recording session's reference samples,
-    ``baseline_anchor`` the reference median measured around this very
-    benchmark when it was recorded, ``current_reference`` the samples taken
-    around it now.  The baseline samples are rescaled to the anchor, so the
-    ratio compares the machine's speed where each benchmark ran, while the
-    spread is that of the whole recording session.
+    ``baseline_anchor`` :func:`reference_speed` of the samples taken around
+    this very benchmark when it was recorded, ``current_reference`` the
+    samples taken around it now.  Each side keeps its faster half
+    (:func:`stats.fast_half`: a spike from other work that hit a few
+    reference rounds must not be mistaken for a slower machine), and the
+    baseline's is rescaled to the anchor, so the ratio compares the
+    machine's speed where each benchmark ran, with the spread of a whole
+    recording session.
     """
     if not baseline_reference or not current_reference:
         return None
-    base = list(baseline_reference)
+    base = stats.fast_half(baseline_reference)
     if baseline_anchor:
         median = stats.summarize(base).median
         base = [v * baseline_anchor / median for v in base]
-    return estimate_drift(base, current_reference, same_mlx=same_mlx, confidence=confidence)
+    return estimate_drift(base, stats.fast_half(current_reference), same_mlx=same_mlx,
+                          confidence=confidence)
+
+
+def reference_speed(samples: Sequence[float]) -> float:
+    """The reference time that stands for a burst: the median of its faster half."""
+    return stats.summarize(stats.fast_half(samples)).median
+
+
+#: Reference speed before and after one benchmark differing by more than this means the
+#: machine changed speed while the benchmark ran (measured: see benchmarks/gate_accuracy.py).
+UNSTEADY_LIMIT = 0.10
+
+
+def unsteady(before: Sequence[float], after: Sequence[float],
+             limit: float | None = None) -> str | None:
+    """Why timing around one benchmark cannot be trusted, or ``None`` when it can.
+
+    ``before`` and ``after`` are the reference samples taken right before and
+    right after the benchmark.  When their speeds (:func:`reference_speed`)
+    differ by more than ``limit``, other work started or stopped while the
+    benchmark ran: neither side's speed describes the benchmark's rounds, so
+    no correction is right and a timing verdict would be a guess.  ``limit``
+    defaults to :data:`UNSTEADY_LIMIT`.
+    """
+    if not before or not after:
+        return None
+    limit = UNSTEADY_LIMIT if limit is None else limit
+    b, a = reference_speed(before), reference_speed(after)
+    if abs(math.log(a / b)) <= math.log1p(limit):
+        return None
+    return (f"machine speed changed during this benchmark (reference {format_value(b, 's')} "
+            f"before, {format_value(a, 's')} after): timing reported, not enforced")
 
 
 def correct(metric: str, samples: Sequence[float], drift: Drift | None) -> list[float]:
@@ -441,6 +480,7 @@ def judge(
     baseline_revision: str | None = None,
     drift: Drift | None = None,
     enforce_timing: bool = True,
+    timing_note: str = "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)",
     confidence: float = stats.DEFAULT_CONFIDENCE,
 ) -> list[Verdict]:
     """Verdicts for every metric of one benchmark.
@@ -450,8 +490,9 @@ def judge(
     ``new``).  Metrics that are not gated are reported as ``not-gated`` with
     the change of their medians (``baseline_medians`` supplies the baseline's
     when it stores no samples for them).  Differing ``params`` make every
-    metric ``not-comparable``.  ``enforce_timing=False`` (virtual GPU) keeps
-    time and rate regressions from failing.
+    metric ``not-comparable``.  ``enforce_timing=False`` (a virtual GPU, a
+    machine whose speed changed during the benchmark) keeps time and rate
+    regressions from failing; ``timing_note`` says why in their verdicts.
     """
     thresholds = thresholds or Thresholds({}, {}, {})
     baseline_medians = baseline_medians or {}
@@ -521,7 +562,7 @@ def judge(
         if not enforce_timing and drift_power(name) != 0:
             enforced = False
             if status == "regression":
-                notes.append("virtual GPU: timing reported, not enforced (--qmm-gate-virtual)")
+                notes.append(timing_note)
         verdicts.append(
             Verdict(
                 test, name, status, unit,

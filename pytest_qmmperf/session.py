@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_qmmperf import baselines, gate, stats, timing
+from pytest_qmmperf import baselines, gate, timing
 from pytest_qmmperf import revision as rev
 from pytest_qmmperf.metrics import BenchResult
 from pytest_qmmperf.options import Options
@@ -293,7 +293,9 @@ class QmmSession:
         self.results.append(result)
         if not self.options.enabled:
             return None
-        local = self._pending_reference + self.reference().burst(self.eval_overhead_s())
+        before = self._pending_reference
+        after = self.reference().burst(self.eval_overhead_s())
+        local = before + after
         self._pending_reference = []
         self.local_reference[result.name] = local
         self.reference_samples += local
@@ -303,9 +305,11 @@ class QmmSession:
         thresholds = self._thresholds_for(item)
         found = state.found
         entry = found.baseline.entries.get(result.name) if found else None
-        enforce = True
+        enforce, why = True, ""
         if state.fingerprint.get("virtual") and not self.options.gate_virtual:
-            enforce = False
+            enforce, why = False, "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)"
+        elif found is not None and (reason := gate.unsteady(before, after)):
+            enforce, why = False, reason
         verdicts = gate.judge(
             result.name,
             result.samples,
@@ -317,6 +321,7 @@ class QmmSession:
             baseline_revision=found.sha if found else None,
             drift=self.drift_for(state, entry, local),
             enforce_timing=enforce,
+            timing_note=why,
         )
         if self.options.save_baseline:
             # Recording a new yardstick: changes are reported, not enforced.
@@ -419,7 +424,7 @@ class QmmSession:
         base = baselines.new_baseline(
             self.results, hardware=fp, revision=revision, reference=self.reference_samples,
             reference_workload=self.reference().description, tool=f"pytest-qmmperf {__version__}",
-            local_reference={name: stats.summarize(v).median
+            local_reference={name: gate.reference_speed(v)
                              for name, v in self.local_reference.items() if v},
         )
         try:

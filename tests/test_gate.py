@@ -298,3 +298,39 @@ def test_recommend_thresholds_ignore_noise_that_is_not_significant() -> None:
     assert not stats.compare(a, b).significant_increase
     rec = gate.recommend_thresholds([{"t": {"time_s": a}}, {"t": {"time_s": b}}])["time_s"]
     assert rec.needed == 0.0 and rec.threshold == 0.01
+
+
+def test_reference_speed_ignores_a_spike() -> None:
+    calm = [1.00, 1.01, 0.99, 1.00, 1.02, 0.98, 1.00]
+    spiked = [1.00, 1.01, 0.99, 1.60, 1.70, 1.80, 1.00]  # other work hit three rounds
+    # Faster halves: 0.98, 0.99, 1.00, 1.00 and 0.99, 1.00, 1.00, 1.01.
+    assert gate.reference_speed(calm) == pytest.approx(0.995)
+    assert gate.reference_speed(spiked) == pytest.approx(1.00)
+
+
+def test_local_drift_compares_the_speed_around_each_benchmark() -> None:
+    session = lognormal(1e-3, 0.01, 32, 40)  # the recording session's reference samples
+    # This benchmark was recorded while the machine ran 20% slower than the session's median.
+    anchor = 1.2 * gate.reference_speed(session)
+    now = lognormal(1.2e-3, 0.01, 14, 41)
+    d = gate.local_drift(session, anchor, now)
+    assert d is not None and not d.applied  # same speed as at its own recording
+    assert d.ratio == pytest.approx(1.0, abs=0.02)
+    unanchored = gate.local_drift(session, None, now)
+    assert unanchored is not None and unanchored.applied
+    assert unanchored.ratio == pytest.approx(1.2, abs=0.03)
+    assert gate.local_drift([], anchor, now) is None
+
+
+def test_unsteady_when_the_machine_changed_speed_mid_benchmark() -> None:
+    before = [1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3]
+    assert gate.unsteady(before, [1.05e-3, 1.04e-3, 1.06e-3, 1.05e-3]) is None  # +5%: steady
+    note = gate.unsteady(before, [1.3e-3, 1.31e-3, 1.29e-3, 1.3e-3])
+    # Medians of the faster halves: (0.99 + 1.00) / 2 and (1.29 + 1.30) / 2.
+    assert note is not None and "995.00 us before, 1.295 ms after" in note
+    assert "not enforced" in note
+    assert gate.unsteady([], before) is None
+    base = {"time_s": lognormal(1e-3, 0.02, 20, 42)}
+    cur = {"time_s": lognormal(1.3e-3, 0.02, 20, 43)}
+    [v] = gate.judge("t", cur, base, enforce_timing=False, timing_note=note)
+    assert v.status == "regression" and not v.failed and note in v.note

@@ -175,3 +175,9 @@ def test_wilson_interval_known_values() -> None:
     assert (lo, hi) == pytest.approx((0.0552, 0.1744), abs=5e-4)
     with pytest.raises(ValueError, match="successes"):
         stats.wilson_interval(5, 4)
+
+
+def test_fast_half() -> None:
+    assert stats.fast_half([5.0, 1.0, 4.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert stats.fast_half([2.0, 1.0]) == [1.0]
+    assert stats.fast_half([7.0]) == [7.0]

@@ -67,14 +67,17 @@ _RESERVED = {
 }
 
 # Runs one side's pytest.  argv: tree root, plugin source ("head" or "each"),
-# then pytest's arguments.  With "head" the installed plugin package is
-# imported before the tree is put on sys.path: later imports of its
-# submodules follow the package's own __path__, so the instrument stays HEAD's
-# even when the tree holds another copy of it.
+# a path for the run's settings, then pytest's arguments.  With "head" the
+# installed plugin package is imported before the tree is put on sys.path:
+# later imports of its submodules follow the package's own __path__, so the
+# instrument stays HEAD's even when the tree holds another copy of it.  The
+# small plugin records what the verdict needs from the tree's configuration
+# (the qmm_thresholds ini value and each test's qmm_threshold marker), which
+# a run without a baseline has no reason to put in its report.
 _LAUNCHER = """\
-import os, sys
-tree, plugin_from = sys.argv[1], sys.argv[2]
-del sys.argv[1:3]
+import json, os, sys
+tree, plugin_from, settings_path = sys.argv[1:4]
+del sys.argv[1:4]
 if sys.path and sys.path[0] in ("", os.getcwd()):
     del sys.path[0]
 if plugin_from == "head":
@@ -83,7 +86,24 @@ for entry in (os.path.join(tree, "src"), tree):
     if os.path.isdir(entry):
         sys.path.insert(0, entry)
 import pytest
-raise SystemExit(pytest.main(sys.argv[1:]))
+
+
+class CompareSettings:
+    def pytest_collection_modifyitems(self, config, items):
+        markers = {}
+        for item in items:
+            mark = item.get_closest_marker("qmm_threshold")
+            if mark is not None:
+                markers[item.nodeid] = [list(mark.args), dict(mark.kwargs)]
+        try:
+            ini = [str(x) for x in config.getini("qmm_thresholds")]
+        except ValueError:
+            ini = []
+        with open(settings_path, "w") as f:
+            json.dump({"ini_thresholds": ini, "markers": markers}, f, default=str)
+
+
+raise SystemExit(pytest.main(sys.argv[1:], plugins=[CompareSettings()]))
 """
 
 
@@ -276,8 +296,8 @@ class SideResults:
     results: dict[str, BenchResult] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     run_seconds: list[float] = field(default_factory=list)
-    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: The first run's whole ``--qmm-json`` document (session-level settings).
+    #: The first run's whole ``--qmm-json`` document, with the tree's threshold
+    #: settings under ``compare_settings``.
     document: dict[str, Any] = field(default_factory=dict)
 
     def add(self, results: Sequence[BenchResult]) -> None:
@@ -325,9 +345,9 @@ def check_pytest_args(args: Sequence[str]) -> None:
 
 
 def pytest_command(side: Side, pytest_args: Sequence[str], json_path: Path,
-                   no_baselines: Path, plugin_from: str) -> list[str]:
+                   no_baselines: Path, plugin_from: str, settings_path: Path) -> list[str]:
     """The command line of one run of ``side``."""
-    cmd = [sys.executable, "-c", _LAUNCHER, str(side.tree), plugin_from]
+    cmd = [sys.executable, "-c", _LAUNCHER, str(side.tree), plugin_from, str(settings_path)]
     cmd += [str(a) for a in pytest_args]
     cmd += [
         "--qmm-bench",
@@ -417,7 +437,9 @@ def run_once(side: Side, index: int, total: int, pytest_args: Sequence[str], wor
     log_path = workdir / f"run-{index:03d}-{side.label}.log"
     no_baselines = workdir / "no-baselines"
     no_baselines.mkdir(exist_ok=True)
-    cmd = pytest_command(side, pytest_args, json_path, no_baselines, plugin_from)
+    settings_path = workdir / f"run-{index:03d}-{side.label}.settings.json"
+    cmd = pytest_command(side, pytest_args, json_path, no_baselines, plugin_from,
+                         settings_path)
     print(f"[{index}/{total}] {side.label} {side.revision}: running", file=out, flush=True)
     start = time.monotonic()
     with open(log_path, "w+") as log:
@@ -442,6 +464,8 @@ def run_once(side: Side, index: int, total: int, pytest_args: Sequence[str], wor
             "qmmperf plugin loaded there (pip install pytest-qmmperf, or pytest -p qmmperf)?"
         )
     results, fp, doc = load_run(json_path)
+    with contextlib.suppress(OSError, ValueError):
+        doc = {**doc, "compare_settings": json.loads(settings_path.read_text())}
     if not results:
         raise CompareError(
             f"{side.label} {side.revision}: no qmm_bench results (did the selected tests "
@@ -543,9 +567,6 @@ def run_sides(config: CompareConfig, out: Any = sys.stderr
             side.run_seconds.append(seconds)
             side.fingerprint = side.fingerprint or fp
             side.document = side.document or doc
-            for entry in doc.get("results", []):
-                if entry.get("thresholds"):
-                    side.thresholds[entry["name"]] = entry["thresholds"]
     return sides["base"], sides["head"]
 
 
@@ -567,31 +588,31 @@ def thresholds_from_args(pytest_args: Sequence[str]) -> list[str]:
     return out
 
 
-def ini_thresholds(document: dict[str, Any]) -> list[str]:
-    """The ``qmm_thresholds`` ini items a run's JSON document reports (empty if none)."""
-    options = document.get("options") or {}
-    found = options.get("ini_thresholds") or document.get("ini_thresholds") or []
-    return [str(x) for x in found]
+def tree_settings(side: SideResults) -> tuple[list[str], dict[str, Any]]:
+    """The ``qmm_thresholds`` ini items and per-test ``qmm_threshold`` markers of a side."""
+    settings = side.document.get("compare_settings") or {}
+    return list(settings.get("ini_thresholds") or []), dict(settings.get("markers") or {})
 
 
 def judge_sides(base: SideResults, head: SideResults, thresholds: Any,
                 enforce_timing: bool) -> list[Any]:
     """Gate verdicts of head's merged samples against base's, per benchmark and metric.
 
-    Base plays the baseline's part in :func:`pytest_qmmperf.gate.judge`.  No
-    drift correction: both sides ran interleaved on one machine, which is
-    the control the correction stands in for.
+    Base plays the baseline's part in :func:`pytest_qmmperf.gate.judge`;
+    head's ``qmm_threshold`` markers apply as in a pytest run.  No drift
+    correction: both sides ran interleaved on one machine, which is the
+    control the correction stands in for.
     """
     from pytest_qmmperf import gate
 
+    _, markers = tree_settings(head)
     verdicts: list[Any] = []
     for name, cur in head.results.items():
         ref = base.results.get(name)
-        marker = head.thresholds.get(name)
         th = thresholds
-        if marker:
-            th = gate.Thresholds(_marker_levels(marker), thresholds.cli, thresholds.ini,
-                                 thresholds.default)
+        if name in markers:
+            args, kwargs = markers[name]
+            th = thresholds.with_marker(args, kwargs)
         verdicts += gate.judge(
             name, cur.samples, ref.samples if ref else None,
             current_params=cur.params, baseline_params=ref.params if ref else None,
@@ -603,10 +624,6 @@ def judge_sides(base: SideResults, head: SideResults, thresholds: Any,
     return verdicts
 
 
-def _marker_levels(marker: dict[str, Any]) -> dict[str | None, float]:
-    return {(None if k in ("*", "", "all") else k): float(v) for k, v in marker.items()}
-
-
 @dataclass
 class Outcome:
     """A finished comparison: both sides, the verdicts and the exit status."""
@@ -614,10 +631,10 @@ class Outcome:
     config: CompareConfig
     base: SideResults
     head: SideResults
-    base_revision: dict[str, Any]
-    head_revision: dict[str, Any]
     verdicts: list[Any]
-    enforce_timing: bool
+    #: The report in the pytest gate's own form (:class:`pytest_qmmperf.report.Report`),
+    #: with base in the baseline's place.
+    report: Any
 
     @property
     def failed(self) -> list[Any]:
@@ -627,122 +644,95 @@ class Outcome:
     def exit_status(self) -> int:
         return EXIT_REGRESSION if self.failed else EXIT_OK
 
+    def headline(self) -> str:
+        b, h = self.base.side, self.head.side
+        return (f"qmmperf compare: head {h.revision} against base {b.revision} "
+                f"({self.config.base}), {_runs(self.config.rounds_per_side)} per side on this "
+                "machine, interleaved")
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON report: results of both sides with raw samples, and the verdicts."""
+        """The JSON report: the pytest gate's ``--qmm-json`` layout plus an ``ab`` section."""
+        from pytest_qmmperf import report
+
         def results(side: SideResults) -> list[dict[str, Any]]:
             return [{"name": r.name, "kind": r.kind, "params": r.params, "samples": r.samples,
                      "info": r.info} for r in side.results.values()]
 
-        return {
-            "schema_version": 1,
-            "mode": "ab",
-            "base": {**self.base_revision, "requested": self.config.base,
+        doc = report.as_json(self.report)
+        doc["mode"] = "ab"
+        doc["ab"] = {
+            "base": {"requested": self.config.base, "sha": self.base.side.sha,
                      "run_seconds": self.base.run_seconds},
-            "head": {**self.head_revision, "dirty": self.head.side.dirty,
+            "head": {"sha": self.head.side.sha, "dirty": self.head.side.dirty,
                      "run_seconds": self.head.run_seconds},
             "rounds_per_side": self.config.rounds_per_side,
             "order": schedule(self.config.rounds_per_side),
             "plugin_from": self.config.plugin_from,
             "pytest_args": list(self.config.pytest_args),
-            "fingerprint": self.head.fingerprint,
-            "timing_enforced": self.enforce_timing,
-            "results": results(self.head),
             "base_results": results(self.base),
-            "verdicts": [v.to_dict() for v in self.verdicts],
-            "passed": not self.failed,
-            "exit_status": self.exit_status,
         }
+        doc["exit_status"] = self.exit_status
+        return _finite(doc)
 
 
-def _rows(outcome: Outcome) -> list[list[str]]:
-    from pytest_qmmperf.gate import format_value
-
-    def pct(x: float | None) -> str:
-        return "" if x is None or not math.isfinite(x) else f"{x * 100:+.1f}%"
-
-    rows = []
-    for v in outcome.verdicts:
-        if v.status == "not-gated":
-            continue
-        ci = f"{pct(v.ci_low)}..{pct(v.ci_high)}" if v.ci_low is not None else ""
-        status = v.status if v.enforced or v.status != "regression" else "regression (reported)"
-        rows.append([v.test.split("::")[-1], v.metric, format_value(v.baseline, v.unit),
-                     format_value(v.current, v.unit), pct(v.change), ci,
-                     f"{v.threshold * 100:g}%" if v.threshold is not None else "", status])
-    return rows
+def _runs(n: int) -> str:
+    return f"{n} pytest run{'s' if n != 1 else ''}"
 
 
-_HEADER = ["test", "metric", "base", "head", "change", "99% CI", "threshold", "verdict"]
+def _finite(o: Any) -> Any:
+    """``o`` with NaN and infinities as ``None`` (JSON has neither)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
-def _headline(outcome: Outcome) -> str:
-    b, h = outcome.base.side, outcome.head.side
-    key = outcome.head.fingerprint.get("key", "this machine")
-    return (f"head {h.revision} against base {b.revision} ({outcome.config.base}), "
-            f"{outcome.config.rounds_per_side} interleaved runs per side on {key}")
+def build_report(config: CompareConfig, base: SideResults, head: SideResults,
+                 verdicts: list[Any], repo: Any) -> Any:
+    """The pytest gate's :class:`~pytest_qmmperf.report.Report` for an A/B outcome.
 
+    Base's merged runs take the baseline's place, so the terminal table,
+    Markdown and JSON read as they do after a pytest run.
+    """
+    from pytest_qmmperf import baselines, report, revision
 
-def _closing(outcome: Outcome) -> str:
-    failed = outcome.failed
-    if failed:
-        return f"FAILED: {len(failed)} regression(s) beyond threshold"
-    notes = []
-    if not outcome.enforce_timing:
-        notes.append("virtual GPU: timing reported, not enforced (--qmm-gate-virtual)")
-    return "passed: no regression beyond threshold" + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def terminal_report(outcome: Outcome) -> list[str]:
-    """Lines for the terminal: a fixed-width table, failures spelled out, the verdict."""
-    rows = _rows(outcome)
-    widths = [max(len(r[i]) for r in [_HEADER, *rows]) for i in range(len(_HEADER))]
-    lines = [f"qmmperf compare: {_headline(outcome)}"]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in [_HEADER, *rows]]
-    lines += [f"{v.test}: {v.message()}" for v in outcome.verdicts
-              if v.status in ("regression", "not-comparable", "missing")]
-    lines.append(_closing(outcome))
-    return lines
-
-
-def markdown_report(outcome: Outcome) -> str:
-    """The report as Markdown (for ``--markdown`` and ``$GITHUB_STEP_SUMMARY``)."""
-    rows = _rows(outcome)
-    out = [f"### qmmperf compare: {_headline(outcome)}", ""]
-    out.append("| " + " | ".join(_HEADER) + " |")
-    out.append("|" + "---|" * len(_HEADER))
-    for row in rows:
-        cells = [c.replace("|", "\\|") for c in row]
-        if row[-1] == "regression":
-            cells[-1] = "**regression**"
-        out.append("| " + " | ".join(cells) + " |")
-    notes = [f"- `{v.test}`: {v.message()}" for v in outcome.verdicts
-             if v.status in ("regression", "not-comparable", "missing")]
-    if notes:
-        out += ["", *notes]
-    out += ["", f"**{_closing(outcome)}**", ""]
-    return "\n".join(out)
+    base_rev = revision.resolve(repo, base.side.sha).as_dict()
+    distance = sum(1 for _ in repo.iter_commits(f"{base.side.sha}..{head.side.sha}"))
+    runs = config.rounds_per_side
+    source = f"A/B: {_runs(runs)} of the base worktree, interleaved with head's"
+    found = baselines.Found(
+        baselines.new_baseline(base.results.values(), hardware=base.fingerprint,
+                               revision=base_rev),
+        base.side.sha, distance, source,
+    )
+    order = " ".join("B" if s == "base" else "H" for s in schedule(runs))
+    notes = [
+        f"A/B on this machine: base {base.side.revision} ({config.base}) and head "
+        f"{head.side.revision}, runs in the order {order} (B base, H head); "
+        f"{sum(base.run_seconds):.0f} s base, {sum(head.run_seconds):.0f} s head",
+        "measured by " + ("this installed pytest_qmmperf on both sides" if
+                          config.plugin_from == "head" else "each tree's own pytest_qmmperf"),
+    ]
+    return report.Report(results=list(head.results.values()), verdicts=verdicts,
+                         fingerprint=head.fingerprint, found=found, notes=notes)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from pytest_qmmperf import report
+
+    report.write_text(path, text)
 
 
 def compare(config: CompareConfig, out: Any = sys.stderr) -> Outcome:
     """Run the whole comparison and write the reports asked for."""
-    from pytest_qmmperf import gate, revision
+    from pytest_qmmperf import gate, report
 
+    cli_thresholds = thresholds_from_args(config.pytest_args)
     try:
-        thresholds = gate.Thresholds.from_options(cli=thresholds_from_args(config.pytest_args))
+        gate.Thresholds.from_options(cli=cli_thresholds)
     except gate.ThresholdError as exc:
         raise CompareError(str(exc)) from None
     base, head = run_sides(config, out)
@@ -751,28 +741,26 @@ def compare(config: CompareConfig, out: Any = sys.stderr) -> Outcome:
             f"base ran on {base.fingerprint.get('key')!r} but head on "
             f"{head.fingerprint.get('key')!r}: an A/B comparison needs one machine"
         )
-    ini = ini_thresholds(head.document)
-    if ini:
-        thresholds = gate.Thresholds(thresholds.marker, thresholds.cli,
-                                     gate.parse_thresholds(ini, "qmm_thresholds"))
+    ini, _ = tree_settings(head)
+    try:
+        thresholds = gate.Thresholds.from_options(cli=cli_thresholds, ini=ini)
+    except gate.ThresholdError as exc:
+        raise CompareError(str(exc)) from None
     virtual = bool(head.fingerprint.get("virtual"))
     enforce = not virtual or "--qmm-gate-virtual" in config.pytest_args
-    repo = revision.open_repo(config.cwd)
-    outcome = Outcome(
-        config, base, head,
-        revision.resolve(repo, base.side.sha).as_dict(),
-        revision.head(repo).as_dict(),
-        judge_sides(base, head, thresholds, enforce), enforce,
-    )
+    verdicts = judge_sides(base, head, thresholds, enforce)
+    repo = open_repo(config.cwd)
+    outcome = Outcome(config, base, head, verdicts,
+                      build_report(config, base, head, verdicts, repo))
     if config.json_path is not None:
         _write_atomic(config.json_path, json.dumps(outcome.to_dict(), indent=1) + "\n")
     if config.markdown_path is not None or os.environ.get("GITHUB_STEP_SUMMARY"):
-        md = markdown_report(outcome)
+        md = f"{outcome.headline()}\n\n" + report.markdown(outcome.report)
         if config.markdown_path is not None:
             _write_atomic(config.markdown_path, md)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
-            with open(summary, "a") as fh:
+            with open(summary, "a", encoding="utf-8") as fh:
                 fh.write(md + "\n")
     return outcome
 
@@ -830,6 +818,9 @@ def run_cli(args: argparse.Namespace) -> int:
         what = f" ({exc.args[0]})" if exc.args else ""
         print(f"qmmperf compare: interrupted{what}; worktree removed", file=sys.stderr)
         return EXIT_INTERRUPTED
-    for line in terminal_report(outcome):
+    from pytest_qmmperf import report
+
+    print(outcome.headline())
+    for line in report.terminal_lines(outcome.report):
         print(line)
     return outcome.exit_status

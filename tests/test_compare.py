@@ -1,10 +1,10 @@
 """``qmmperf compare``: same-machine A/B in real git repositories with real MLX work.
 
 Each test builds a small repository (GitPython, in tmp_path) holding a tiny
-benchmark suite whose amount of MLX work is a constant in ``abwork.py``;
-commits change that constant, so the head really does more (or the same)
-work than the base.  Runs are the real ``qmmperf compare`` command in a
-subprocess, with few rounds and tiny shapes.  After every run the
+benchmark suite whose amount of MLX work is a constant of the project's own
+package (``src/abwork.py``, src layout); commits change that constant, so the
+head really does more (or the same) work than the base.  Runs are the real
+``qmmperf compare`` command in a subprocess, with few rounds and tiny shapes.  After every run the
 repository must hold no worktree, the temp folder no compare directory.
 """
 
@@ -60,7 +60,7 @@ def work(repeat: int, n: int = 96) -> str:
 def repo(tmp_path: Path) -> git.Repo:
     """A repository whose first commit has the suite doing one matmul per launch."""
     r = git.Repo.init(tmp_path / "proj", initial_branch="main")
-    commit(r, {"pytest.ini": "[pytest]\n", "benchmarks/abwork.py": work(1),
+    commit(r, {"pytest.ini": "[pytest]\n", "src/abwork.py": work(1),
                "benchmarks/test_ab.py": BENCH, ".gitignore": "__pycache__/\n"}, "suite")
     return r
 
@@ -151,9 +151,9 @@ def test_unknown_revision(repo: git.Repo, tmpdir_env: dict[str, str]) -> None:
 def test_base_not_an_ancestor(repo: git.Repo, tmpdir_env: dict[str, str]) -> None:
     root = repo.head.commit
     repo.git.checkout("-q", "-b", "side")
-    side_sha = commit(repo, {"benchmarks/abwork.py": work(2)}, "side change")
+    side_sha = commit(repo, {"src/abwork.py": work(2)}, "side change")
     repo.git.checkout("-q", "main")
-    commit(repo, {"benchmarks/abwork.py": work(3)}, "main change")
+    commit(repo, {"src/abwork.py": work(3)}, "main change")
     proc = qmmperf(repo, tmpdir_env, "--base", "side", "benchmarks")
     assert proc.returncode == cmp.EXIT_ERROR
     assert f"--base 'side' ({side_sha[:10]}) is not an ancestor of HEAD" in proc.stderr
@@ -166,17 +166,17 @@ def test_base_not_an_ancestor(repo: git.Repo, tmpdir_env: dict[str, str]) -> Non
 def test_dirty_tree_is_refused_unless_allowed(repo: git.Repo,
                                                tmpdir_env: dict[str, str]) -> None:
     commit(repo, {"README": "x\n"}, "second")
-    (Path(repo.working_tree_dir) / "benchmarks" / "abwork.py").write_text(work(2))
+    (Path(repo.working_tree_dir) / "src" / "abwork.py").write_text(work(2))
     (Path(repo.working_tree_dir) / "notes.txt").write_text("scratch")
     proc = qmmperf(repo, tmpdir_env, "--base", "HEAD~1", "benchmarks")
     assert proc.returncode == cmp.EXIT_ERROR
-    assert ("the work tree has uncommitted changes (benchmarks/abwork.py, notes.txt): commit "
+    assert ("the work tree has uncommitted changes (src/abwork.py, notes.txt): commit "
             "or stash them, or pass --allow-dirty") in proc.stderr
     assert_clean(repo, tmpdir_env)
 
 
 def test_base_without_the_benchmarks(repo: git.Repo, tmpdir_env: dict[str, str]) -> None:
-    commit(repo, {"perf/abwork.py": work(1), "perf/test_ab.py": BENCH}, "new suite folder")
+    commit(repo, {"perf/test_ab.py": BENCH}, "new suite folder")
     proc = qmmperf(repo, tmpdir_env, "--base", "HEAD~1", "--rounds-per-side", "1", "perf", *FAST)
     assert proc.returncode == cmp.EXIT_ERROR, proc.stderr
     base = repo.commit("HEAD~1").hexsha[:10]
@@ -278,3 +278,96 @@ def test_json_report_is_written_atomically(tmp_path: Path) -> None:
     cmp._write_atomic(target, json.dumps({"a": 1}))
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+# --- the comparison itself ------------------------------------------------------------
+
+
+def test_slower_head_fails(repo: git.Repo, tmpdir_env: dict[str, str], tmp_path: Path) -> None:
+    """Head does 3x the MLX work of base: time and memory regress, exit 1, reports written."""
+    commit(repo, {"src/abwork.py": work(3)}, "three times the work")
+    summary = tmp_path / "summary.md"
+    env = {**tmpdir_env, "GITHUB_STEP_SUMMARY": str(summary)}
+    report, md = tmp_path / "out" / "ab.json", tmp_path / "out" / "ab.md"
+    proc = qmmperf(repo, env, "--base", "HEAD~1", "--rounds-per-side", "2", "--json",
+                   str(report), "--markdown", str(md), "--", "benchmarks", *FAST)
+    assert proc.returncode == cmp.EXIT_REGRESSION, proc.stdout + proc.stderr
+    base, head = repo.commit("HEAD~1").hexsha, repo.head.commit.hexsha
+    # Interleaved: base, head, head, base.
+    order = [line.split()[1] for line in proc.stderr.splitlines() if line.endswith("running")]
+    assert order == ["base", "head", "head", "base"]
+    assert f"qmmperf compare: head {head[:10]} against base {base[:10]} (HEAD~1)" in proc.stdout
+    assert "time_s regression" in proc.stdout and "gate: 1 failing" in proc.stdout
+
+    doc = json.loads(report.read_text())
+    assert doc["mode"] == "ab" and doc["passed"] is False and doc["exit_status"] == 1
+    assert doc["baseline"]["sha"] == base and doc["ab"]["head"]["sha"] == head
+    assert doc["ab"]["order"] == ["base", "head", "head", "base"]
+    time_v = next(v for v in doc["verdicts"] if v["metric"] == "time_s")
+    assert time_v["status"] == "regression" and time_v["failed"]
+    assert 1.5 < time_v["change"] < 3.5  # three matmuls instead of one
+    # Samples of both runs of each side are merged.
+    (head_result,) = doc["results"]
+    (base_result,) = doc["ab"]["base_results"]
+    assert head_result["info"]["runs"] == base_result["info"]["runs"] == 2
+    assert len(head_result["samples"]["peak_memory_gb"]) == 2
+    assert len(head_result["samples"]["time_s"]) >= 14  # --qmm-min-rounds 7, twice
+    assert md.read_text() in summary.read_text()
+    assert "**regression**" in md.read_text()
+    assert_clean(repo, tmpdir_env)
+
+
+def test_unchanged_head_passes(repo: git.Repo, tmpdir_env: dict[str, str],
+                               tmp_path: Path) -> None:
+    """The same work under a new commit: nothing regresses, exit 0."""
+    commit(repo, {"README": "docs only\n"}, "docs")
+    report = tmp_path / "ab.json"
+    proc = qmmperf(repo, tmpdir_env, "--base", "main~1", "--rounds-per-side", "2", "--json",
+                   str(report), "benchmarks", *FAST, "--qmm-threshold", "25%")
+    assert proc.returncode == cmp.EXIT_OK, proc.stdout + proc.stderr
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True
+    statuses = {v["metric"]: v for v in doc["verdicts"]}
+    assert statuses["time_s"]["status"] in ("unchanged", "improvement")
+    assert statuses["time_s"]["threshold"] == 0.25
+    assert statuses["time_s"]["threshold_source"] == "cli"
+    assert statuses["peak_memory_gb"]["status"] == "unchanged"
+    assert abs(statuses["time_s"]["change"]) < 0.25
+    assert "gate: pass" in proc.stdout
+    assert_clean(repo, tmpdir_env)
+
+
+def test_head_markers_and_ini_set_the_thresholds(repo: git.Repo,
+                                                 tmpdir_env: dict[str, str]) -> None:
+    """3x the work, but head's marker allows 500% on time: only memory (ini 150%) is judged."""
+    marked = BENCH.replace("def test_matmul", '@pytest.mark.qmm_threshold(time_s="500%")\n'
+                           "def test_matmul")
+    marked = marked.replace("import abwork", "import abwork\nimport pytest")
+    commit(repo, {"src/abwork.py": work(3), "benchmarks/test_ab.py": marked,
+                  "pytest.ini": "[pytest]\nqmm_thresholds = 150%\n"}, "loosened")
+    proc = qmmperf(repo, tmpdir_env, "--base", "HEAD~1", "--rounds-per-side", "1",
+                   "benchmarks", *FAST)
+    assert proc.returncode == cmp.EXIT_REGRESSION, proc.stdout + proc.stderr
+    assert "peak_memory_gb regression" in proc.stdout and "threshold 150% (ini)" in proc.stdout
+    assert "time_s regression" not in proc.stdout
+    assert_clean(repo, tmpdir_env)
+
+
+def test_instrument_is_heads_plugin_unless_asked(repo: git.Repo,
+                                                 tmpdir_env: dict[str, str]) -> None:
+    """A base tree with its own (broken) pytest_qmmperf: head's plugin measures both sides."""
+    commit(repo, {"pytest_qmmperf/__init__.py": "raise ImportError('base copy of the plugin')\n"},
+           "a copy of the plugin in the tree")
+    commit(repo, {"README": "x\n"}, "head")
+    repo.git.rm("-q", "pytest_qmmperf/__init__.py")
+    repo.index.commit("drop the copy", author=git.Actor("t", "t@example.com"),
+                      committer=git.Actor("t", "t@example.com"))
+    proc = qmmperf(repo, tmpdir_env, "--base", "HEAD~1", "--rounds-per-side", "1",
+                   "benchmarks", *FAST, "--qmm-threshold", "50%")
+    assert proc.returncode == cmp.EXIT_OK, proc.stdout + proc.stderr
+    assert "measured by this installed pytest_qmmperf on both sides" in proc.stdout
+    proc = qmmperf(repo, tmpdir_env, "--base", "HEAD~1", "--rounds-per-side", "1",
+                   "--plugin-from", "each", "benchmarks", *FAST)
+    assert proc.returncode == cmp.EXIT_ERROR
+    assert "ImportError: base copy of the plugin" in proc.stderr
+    assert_clean(repo, tmpdir_env)

@@ -370,3 +370,108 @@ def test_report_outputs_are_json(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="inputs.nope"):
         render("${{ inputs.nope }}", {})
     assert json.loads(render('{"a": "${{ inputs.a }}"}', {"inputs.a": "1"})) == {"a": "1"}
+
+
+# --- the gate end to end: record a baseline, then gate a slower head ----------------
+
+SUITE = '''\
+import mlx.core as mx
+
+from abwork import N, REPEAT
+
+
+def test_matmul(qmm_bench):
+    mx.random.seed(0)
+    x = mx.random.normal((N, N))
+    ws = [mx.random.normal((N, N)) for _ in range(REPEAT)]
+    qmm_bench(lambda: [x @ w for w in ws])
+'''
+
+FAST_ARGS = "benchmarks --qmm-time-budget 0.25 --qmm-min-rounds 7 -q -p no:cacheprovider"
+
+
+@pytest.fixture
+def bench_clone(tmp_path: Path) -> Path:
+    """A clone of a repository with a tiny MLX suite (one matmul per launch) on main."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git("init", "-q", "-b", "main", cwd=origin)
+    files = {"pytest.ini": "[pytest]\n", ".gitignore": "__pycache__/\n",
+             "benchmarks/abwork.py": "N = 96\nREPEAT = 1\n", "benchmarks/test_ab.py": SUITE}
+    for rel, text in files.items():
+        (origin / rel).parent.mkdir(parents=True, exist_ok=True)
+        (origin / rel).write_text(text)
+    git("add", ".", cwd=origin)
+    _commit(origin, "suite")
+    # Accept pushes to the checked-out branch, as a hosting service would take a merge.
+    git("config", "receive.denyCurrentBranch", "updateInstead", cwd=origin)
+    work = tmp_path / "clone"
+    git("clone", "-q", str(origin), str(work), cwd=tmp_path)
+    return work
+
+
+def _commit(cwd: Path, message: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=cwd, check=True, env=env)
+
+
+def test_record_then_gate_a_slower_pull_request(tmp_path: Path, bench_clone: Path) -> None:
+    """The baseline-update workflow's Record step, then the action's gate step in both modes."""
+    runner = Runner(tmp_path, bench_clone)
+
+    # 1. qmm-baseline-update: record on main.
+    record = step(load(WORKFLOWS / "qmm-baseline-update.yml")["jobs"]["record"]["steps"],
+                  "record")
+    proc = runner.run(record, {"inputs.pytest-args": FAST_ARGS})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outs = runner.outputs()
+    sha = git("rev-parse", "HEAD", cwd=bench_clone)
+    assert outs["sha"] == sha and outs["short"] == sha[:10]
+    recorded = bench_clone / "baselines" / outs["key"] / f"{sha}.json"
+    assert recorded.is_file()
+    assert f"hardware `{outs['key']}`, revision `{sha}`" in runner.summary.read_text()
+    # What create-pull-request would commit; merged into main.
+    git("add", "baselines", cwd=bench_clone)
+    _commit(bench_clone, "baseline")
+    git("push", "-q", "origin", "HEAD:main", cwd=bench_clone)
+    git("fetch", "-q", "origin", cwd=bench_clone)
+
+    # 2. A pull request that triples the work.
+    (bench_clone / "benchmarks" / "abwork.py").write_text("N = 96\nREPEAT = 3\n")
+    git("add", "benchmarks/abwork.py", cwd=bench_clone)
+    _commit(bench_clone, "three times the work")
+
+    gate = step(load(ACTION)["runs"]["steps"], "gate")
+    reports = tmp_path / "reports"
+    for mode, extra in (("baseline", {}), ("ab", {"rounds_per_side": "1"})):
+        runner.summary.write_text("")
+        values = action_values(mode=mode, base_ref="origin/main", pytest_args=FAST_ARGS,
+                               report_dir=str(reports / mode), **extra)
+        proc = runner.run(gate, values)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outs = runner.outputs()
+        assert outs["verdict"] == "regression", (mode, proc.stdout, proc.stderr)
+        assert outs["exit-code"] == "1"
+        doc = json.loads(Path(outs["report-path"]).read_text())
+        assert doc["passed"] is False
+        # Baseline mode: the file recorded at the suite's commit, read from origin/main's
+        # tree; A/B: origin/main itself, run in a worktree.
+        expected = "origin/main~1" if mode == "baseline" else "origin/main"
+        assert doc["baseline"]["sha"] == git("rev-parse", expected, cwd=bench_clone)
+        statuses = {v["metric"]: v for v in doc["verdicts"]}
+        # Time is found to regress (baseline mode may decline to enforce it when the
+        # machine's own speed moved during the benchmark); memory tripled and fails.
+        assert statuses["time_s"]["status"] == "regression", statuses["time_s"]
+        assert statuses["peak_memory_gb"]["failed"], statuses["peak_memory_gb"]
+        md = Path(outs["markdown-path"]).read_text()
+        assert "**regression**" in md
+        assert md in runner.summary.read_text()  # the job summary
+        assert git("worktree", "list", cwd=bench_clone).count("\n") == 0
+
+    # 3. The same gate against an unchanged head passes.
+    git("reset", "-q", "--hard", "origin/main", cwd=bench_clone)
+    proc = runner.run(gate, action_values(base_ref="origin/main", pytest_args=FAST_ARGS,
+                                          report_dir=str(reports / "same")))
+    assert proc.returncode == 0, proc.stderr
+    assert runner.outputs()["verdict"] == "pass", proc.stdout

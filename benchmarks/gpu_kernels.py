@@ -46,7 +46,7 @@ SHAPES = {"qo": (3072, 3072), "kv": (1024, 3072), "gate_up": (8192, 3072), "down
 M_VALUES = (1, 16, 128, 512, 2048, 8192)
 BASELINES = ("mlx", "dequant")
 #: Tiles beyond the seed's presets, tried on the GPU at M >= 128 ...
-CANDIDATES = ("tiled:128x64x64:wm4wn2", "tiled:128x64x64:wm2wn2", "tiled:64x128x64:wm2wn4",
+CANDIDATES = ("tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
               "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4")
 #: ... and at M = 16, where the seed's tiles leave most rows empty.
 SMALL_M = ("tiled:16x64x128:wm1wn4", "tiled:32x64x128:wm2wn2")

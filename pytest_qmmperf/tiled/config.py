@@ -37,9 +37,10 @@ PAD = 8
 FRAG_TOKENS = 8
 FRAG_ROWS = 16
 FRAG_K = 16
-#: float accumulators one thread may hold: at 128 (a 64x64 SIMD-group tile)
-#: the CUDA kernel already spills registers on sm_90.
-MAX_ACCUMULATORS = 64
+#: 32-bit values a thread keeps live across the K loop: its accumulators plus
+#: the next tile prefetched into registers. nvcc for sm_90 spills the kernel
+#: from about 120 on (tiled:128x64x64:wm2wn2 at 8 bits: 64 + 56).
+MAX_LIVE_REGISTERS = 112
 DEFAULT_BK = 32
 DEFAULT_DECODE_MAX_M = 8
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
@@ -159,11 +160,12 @@ class TileConfig:
                 f"((BM+BN) x (BK+{PAD}) halves), over the {TG_MEMORY_LIMIT}-byte limit of "
                 "Apple GPUs"
             )
-        if self.accumulators > MAX_ACCUMULATORS:
+        if self.live_registers > MAX_LIVE_REGISTERS:
             raise TileError(
-                f"{name}: a {self.warp_tile_m}x{self.warp_tile_n} SIMD-group tile holds "
-                f"{self.accumulators} float accumulators per thread, over {MAX_ACCUMULATORS} "
-                "(they would spill out of registers); raise WM or WN"
+                f"{name}: a thread keeps {self.live_registers} registers live across the K loop "
+                f"({self.accumulators} accumulators of its {self.warp_tile_m}x{self.warp_tile_n} "
+                f"SIMD-group tile, {self.live_registers - self.accumulators} for the prefetched "
+                f"tile), over {MAX_LIVE_REGISTERS}: they would spill; raise WM or WN, or lower BK"
             )
 
     # --- derived tile arithmetic -------------------------------------
@@ -193,6 +195,17 @@ class TileConfig:
     @property
     def accumulators(self) -> int:
         return self.warp_tile_m * self.warp_tile_n // SIMD
+
+    @property
+    def live_registers(self) -> int:
+        """Accumulators plus the registers holding the next tile (at 8 bits, the widest).
+
+        Activations travel as 16-byte vectors (4 registers), weights as words
+        with their scale and bias (3 registers each).
+        """
+        vectors = -(-self.bm * self.bk // 8 // self.threads)
+        words = -(-self.bn * self.bk // 4 // self.threads)
+        return self.accumulators + 4 * vectors + 3 * words
 
     @property
     def name(self) -> str:

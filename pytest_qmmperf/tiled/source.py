@@ -43,8 +43,8 @@ class Dialect:
 
     language: str
     shared: str  # declaration qualifier of a threadgroup/shared array
-    tg: str  # pointer qualifier for threadgroup/shared memory
-    dev: str  # pointer qualifier for device memory
+    tg: str  # pointer qualifier for threadgroup/shared memory, with its space
+    dev: str  # pointer qualifier for device memory, with its space
     barrier: str
     prologue: str  # defines tid, lane, warp, bx, by (block indices), M, N, K
     layer_files: tuple[str, ...]  # the layer's headers, relative to the package
@@ -56,8 +56,8 @@ class Dialect:
 METAL = Dialect(
     language="metal",
     shared="threadgroup",
-    tg="threadgroup",
-    dev="device",
+    tg="threadgroup ",
+    dev="device ",
     barrier="threadgroup_barrier(mem_flags::mem_threadgroup)",
     prologue="""\
   const uint tid = thread_index_in_threadgroup;
@@ -124,7 +124,7 @@ _TILED_LOAD = """\
       const int c = (i % XVR) * 8;
       xr[j] = qmm_zero4();
       if ((XV % THREADS == 0 || i < XV) && m0 + r < M) {
-        xr[j] = *((const $dev uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
+        xr[j] = *((const ${dev}uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
       }
     }
 #pragma unroll
@@ -151,14 +151,14 @@ _TILED_STORE = """\
     for (int j = 0; j < XJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (XV % THREADS == 0 || i < XV) {
-        *(($tg uint4*)(xs + (i / XVR) * BKP + (i % XVR) * 8)) = xr[j];
+        *((${tg}uint4*)(xs + (i / XVR) * BKP + (i % XVR) * 8)) = xr[j];
       }
     }
 #pragma unroll
     for (int j = 0; j < WJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (WW % THREADS == 0 || i < WW) {
-        $tg uint32_t* dst = ($tg uint32_t*)(ws + (i / WPR) * BKP + (i % WPR) * PACK);
+        ${tg}uint32_t* dst = (${tg}uint32_t*)(ws + (i / WPR) * BKP + (i % WPR) * PACK);
 #pragma unroll
         for (int v = 0; v < PACK; v += 2) {
           const float q0 = qmm_q2f((wr[j] >> (v * BITS)) & MASK);
@@ -202,8 +202,8 @@ $prologue
 
   $shared uint4 xs_raw[BM * BKP / 8];
   $shared uint4 ws_raw[BN * BKP / 8];
-  $tg T* xs = ($tg T*)xs_raw;
-  $tg T* ws = ($tg T*)ws_raw;
+  ${tg}T* xs = (${tg}T*)xs_raw;
+  ${tg}T* ws = (${tg}T*)ws_raw;
 
   uint4 xr[XJ];
   uint32_t wr[WJ];
@@ -234,7 +234,7 @@ _DECODE_LOAD = """\
     if (n0 + r < N && $k < K) {
       const size_t row = size_t(n0 + r);
       const size_t g = row * size_t(G) + size_t($k / GS);
-      $w[r] = *((const $dev uint4*)(w + row * size_t(KW) + size_t($k / PACK)));
+      $w[r] = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t($k / PACK)));
       $s[r] = float(scales[g]);
       $b[r] = float(biases[g]);
     }"""
@@ -303,7 +303,7 @@ $loadn
       for (int m = 0; m < MR; ++m) {
         if (m0 + m < M) {
           const uint4 xv =
-              *((const $dev uint4*)(x + size_t(m0 + m) * size_t(K) + size_t(k + c * 8)));
+              *((const ${dev}uint4*)(x + size_t(m0 + m) * size_t(K) + size_t(k + c * 8)));
           float xf[8];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {

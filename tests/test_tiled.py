@@ -1,0 +1,312 @@
+"""The tiled kernel family: parameters, names, registry entry, generator output, launch path."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import pytest
+
+from pytest_qmmperf import tiled
+from pytest_qmmperf.tiled import config as cfg
+from pytest_qmmperf.tiled import source, variant
+from pytest_qmmperf.tiled.config import DecodeConfig, TileConfig, TileError, parse_name
+from pytest_qmmperf.variants import VariantError, get_variant, variant_names
+from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
+
+# --- names ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("tiled:160x32:wm4wn1", TileConfig(160, 32, 32, 4, 1)),
+        ("tiled:160x32x32:wm4wn1", TileConfig(160, 32, 32, 4, 1)),
+        ("tiled:64x64x64:wm2wn2", TileConfig(64, 64, 64, 2, 2)),
+        ("tiled:32x32:wm2wn2:d0", TileConfig(32, 32, 32, 2, 2, decode_max_m=0)),
+        ("tiled:decode", DecodeConfig(4, 4)),
+        ("tiled:decode:r2w8", DecodeConfig(2, 8)),
+    ],
+)
+def test_parse_name(name, expected):
+    assert parse_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [
+        ("tiled:160x32x32:wm4wn1", "tiled:160x32:wm4wn1"),
+        ("tiled:64x64x64:wm2wn2", "tiled:64x64x64:wm2wn2"),
+        ("tiled:32x32:wm2wn2:d8", "tiled:32x32:wm2wn2"),
+        ("tiled:32x32:wm2wn2:d0", "tiled:32x32:wm2wn2:d0"),
+        ("tiled:decode:r4w4", "tiled:decode"),
+        ("tiled:decode:r2w8", "tiled:decode:r2w8"),
+    ],
+)
+def test_canonical_names_round_trip(name, canonical):
+    config = parse_name(name)
+    assert config.name == canonical
+    assert parse_name(canonical) == config
+
+
+@pytest.mark.parametrize("name", ["tiled:", "tiled:160x32", "tiled:160x32:wm4", "tiled:axb:wm1wn1",
+                                  "tiled:decode:r4", "tiles:160x32:wm4wn1"])
+def test_unparsable_names_say_what_is_accepted(name):
+    with pytest.raises(TileError) as info:
+        parse_name(name)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "tiled:BMxBN[xBK]:wmWMwnWN" in msg and repr(name) in msg
+
+
+# --- validation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("tiled:160x32:wm3wn1", "BM=160 is not divisible by WM=3"),
+        ("tiled:64x48:wm2wn5", "BN=48 is not divisible by WN=5"),
+        ("tiled:36x32:wm2wn1", "BM/WM=18 must be a multiple of 8"),
+        ("tiled:64x32:wm2wn4", "BN/WN=8 must be a multiple of 16"),
+        ("tiled:32x32x24:wm2wn2", "BK=24 must be a multiple of 16"),
+        ("tiled:512x64:wm16wn4", "2048 threads, over the 1024-thread threadgroup limit"),
+        ("tiled:256x256:wm4wn4", "needs 40960 bytes of threadgroup memory"),
+        ("tiled:128x128:wm2wn2", "keeps 168 registers live across the K loop (128 accumulators"),
+        ("tiled:128x64x64:wm2wn2", "keeps 120 registers live"),
+        ("tiled:0x32:wm2wn2", "BM=0 must be a positive integer"),
+        ("tiled:decode:r16w4", "rows=16 exceeds 8 rows per warp"),
+        ("tiled:decode:r4w64", "2048 threads, over the 1024-thread threadgroup limit"),
+    ],
+)
+def test_invalid_tiles_are_rejected_up_front(name, fragment):
+    with pytest.raises(TileError) as info:
+        parse_name(name)
+    msg = str(info.value)
+    assert fragment in msg
+    assert msg.startswith(f"{name}: ")
+    assert "\n" not in msg
+
+
+def test_registry_wraps_invalid_tiles_in_variant_error():
+    with pytest.raises(VariantError, match=r"BM=160 is not divisible by WM=3"):
+        get_variant("tiled:160x32:wm3wn1")
+
+
+def test_shared_memory_and_threads_arithmetic():
+    c = TileConfig(160, 32, 32, 4, 1)
+    assert (c.threads, c.warp_tile_m, c.warp_tile_n, c.pitch) == (128, 40, 32, 40)
+    assert c.shared_bytes == (160 + 32) * 40 * 2 == 15360
+    assert c.accumulators == 40 * 32 // 32
+    # 160*32/8 = 640 activation vectors and 32*32/4 = 256 8-bit words over 128 threads
+    assert c.live_registers == 40 + 4 * 5 + 3 * 2
+    # the largest preset still fits Apple's 32 KiB
+    assert TileConfig(256, 32, 32, 4, 1).shared_bytes == 288 * 80 <= cfg.TG_MEMORY_LIMIT
+
+
+# --- presets and the registry ------------------------------------------------
+
+
+def test_presets_are_the_seed_rows_and_listed():
+    assert tiled.PRESETS == (
+        "tiled:32x32:wm2wn2", "tiled:64x64:wm2wn2", "tiled:160x32:wm4wn1",
+        "tiled:160x32:wm2wn2", "tiled:192x32:wm4wn1", "tiled:256x32:wm4wn1", "tiled:decode",
+    )
+    names = variant_names()
+    for preset in tiled.PRESETS:
+        assert preset in names
+        assert parse_name(preset).name == preset
+
+
+def test_get_variant_builds_each_variant_once():
+    first = get_variant("tiled:192x32:wm4wn1")
+    assert get_variant("tiled:192x32:wm4wn1") is first
+    # an alias resolves to the variant under its canonical name
+    alias = get_variant("tiled:192x32x32:wm4wn1")
+    assert alias.name == "tiled:192x32:wm4wn1"
+    assert get_variant("tiled:192x32:wm4wn1") is first
+    assert first.params["BM"] == 192 and first.params["WM"] == 4 and first.params["threads"] == 128
+
+
+def test_register_is_idempotent():
+    tiled.register()
+    tiled.register()
+    assert variant_names().count("tiled:160x32:wm4wn1") == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        (QmmSpec(M=8, N=64, K=64, mode="mxfp4", group_size=32), "affine quantization only"),
+        (QmmSpec(M=8, N=64, K=64, bits=3, group_size=32), "bits=3: the tiled kernels support"),
+        (QmmSpec(M=8, N=64, K=64, transpose=False), "x @ w.T only"),
+        (QmmSpec(M=8, N=64, K=64, dtype="float32"), "dtype='float32'"),
+        (QmmSpec(M=16, N=64, K=96, group_size=32), "K=96: must be a multiple of BK=64"),
+        (QmmSpec(M=1, N=1, K=32, group_size=32), "at least 8 words"),
+    ],
+)
+def test_supports_names_the_reason(spec, fragment):
+    v = get_variant("tiled:64x64x64:wm2wn2")
+    reason = v.supports(spec)
+    assert reason is not None and fragment in reason
+
+
+def test_supports_accepts_what_the_kernels_run():
+    v = get_variant("tiled:160x32:wm4wn1")
+    for bits in (4, 8):
+        for gs in (32, 64, 128):
+            for dtype in ("float16", "bfloat16"):
+                assert v.supports(QmmSpec(M=33, N=40, K=128, bits=bits, group_size=gs,
+                                          dtype=dtype)) is None
+    # below the decode threshold the tile's BK does not matter
+    assert get_variant("tiled:64x64x64:wm2wn2").supports(QmmSpec(M=1, N=64, K=96,
+                                                                 group_size=32)) is None
+
+
+def test_unavailable_on_the_cpu_backend():
+    if variant.backend() is not None:
+        pytest.skip("this MLX has a GPU backend")
+    v = get_variant("tiled:160x32:wm4wn1")
+    reason = v.available()
+    assert reason is not None and reason.startswith("needs Metal or CUDA backend")
+    spec = QmmSpec(M=4, N=64, K=64)
+    inp = make_inputs(spec)
+    with pytest.raises(RuntimeError, match="needs Metal or CUDA backend"):
+        v(inp.x, inp.w, inp.scales, inp.biases, group_size=64, bits=4)
+
+
+def test_bad_operands_are_refused_before_any_launch():
+    v = get_variant("tiled:32x32:wm2wn2")
+    spec = QmmSpec(M=4, N=64, K=128)
+    inp = make_inputs(spec)
+    with pytest.raises(TileError, match=r"scales are \(64, 2\): expected \(64, 4\)"):
+        v(inp.x, inp.w, inp.scales, inp.biases, group_size=32, bits=4)
+    with pytest.raises(TileError, match="w is .* expected uint32 \\(64, 32\\)"):
+        v(inp.x, inp.w, inp.scales, inp.biases, group_size=64, bits=8)
+    with pytest.raises(TileError, match="biases=None"):
+        v(inp.x, inp.w, inp.scales, None, group_size=64, bits=4)
+
+
+def test_metal_kernel_objects_are_built_once_per_configuration():
+    config = TileConfig(96, 32, 32, 2, 1)
+    src, first = variant.kernel(config, bits=4, group_size=64, language="metal")
+    again = variant.kernel(config, bits=4, group_size=64, language="metal")[1]
+    assert again is first
+    assert variant.built_kernels().count(src.name) == 1
+    other = variant.kernel(config, bits=8, group_size=64, language="metal")[0]
+    assert other.name != src.name
+
+
+# --- generator --------------------------------------------------------------
+
+_EVERY = [parse_name(n) for n in tiled.PRESETS] + [parse_name("tiled:64x64x64:wm2wn2:d0")]
+
+
+def test_kernel_names_are_unique_and_carry_every_parameter():
+    names = set()
+    count = 0
+    for config in _EVERY:
+        for language in ("metal", "cuda"):
+            for bits in (4, 8):
+                for gs in (32, 64, 128):
+                    src = source.generate(config, bits=bits, group_size=gs, language=language)
+                    names.add(src.name)
+                    count += 1
+                    assert f"_b{bits}_g{gs}_{language}_" in src.name
+                    assert re.fullmatch(r"qmmperf_\w+_[0-9a-f]{10}", src.name)
+                    if isinstance(config, TileConfig):
+                        assert (f"{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
+                                in src.name)
+    # 64x64x64:d0 differs from the presets; the decode threshold is not in the kernel
+    assert len(names) == count
+    same = source.generate(TileConfig(32, 32, 32, 2, 2, decode_max_m=0), bits=4, group_size=64,
+                           language="cuda")
+    assert same == source.generate(parse_name("tiled:32x32:wm2wn2"), bits=4, group_size=64,
+                                   language="cuda")
+
+
+def test_generator_rejects_unknown_language():
+    with pytest.raises(ValueError, match="language='opencl'"):
+        source.generate(TileConfig(32, 32), bits=4, group_size=64, language="opencl")
+
+
+def _normalized(body: str, language: str) -> list[str]:
+    """The body with the dialect's own tokens replaced by neutral ones."""
+    if language == "metal":
+        body = body.replace("threadgroup_barrier(mem_flags::mem_threadgroup)", "BARRIER")
+        body = body.replace("threadgroup ", "").replace("device ", "")
+    else:
+        body = body.replace("__syncthreads()", "BARRIER").replace("__shared__ ", "")
+    skip = ("const uint tid", "const unsigned tid", "const uint lane", "const unsigned lane",
+            "const uint warp", "const unsigned warp", "const int bx", "const int by")
+    return [line for line in body.splitlines() if not line.startswith(skip)]
+
+
+@pytest.mark.parametrize("config", _EVERY, ids=lambda c: c.name)
+def test_metal_and_cuda_bodies_differ_only_in_dialect_tokens(config):
+    metal = source.generate(config, bits=4, group_size=64, language="metal").body
+    cuda = source.generate(config, bits=4, group_size=64, language="cuda").body
+    assert "threadgroup_barrier" in metal or isinstance(config, DecodeConfig)
+    assert "__syncthreads()" in cuda or isinstance(config, DecodeConfig)
+    assert "__syncthreads" not in metal and "threadgroup" not in cuda
+    assert _normalized(metal, "metal") == _normalized(cuda, "cuda")
+
+
+def test_both_layers_define_the_same_interface():
+    metal = (source.PACKAGE / "metal/qmm_layer.h").read_text()
+    cuda = "".join((source.PACKAGE / f).read_text()
+                   for f in ("cuda/qmm_ptx.cuh", "cuda/qmm_layer.cuh"))
+    interface = ["qmm_q2f", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi", "qmm_pack",
+                 "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(", "void store("]
+    for name in interface:
+        assert name in metal and name in cuda, name
+
+
+def test_compact_source_drops_comments_but_keeps_pragmas():
+    text = "  // why\n\n  #pragma unroll\n  for (;;) {  // trailing\n  }\n"
+    assert source.compact(text) == "#pragma unroll\nfor (;;) {  // trailing\n}\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "M", "N", "grid", "threadgroup"),
+    [
+        (TileConfig(160, 32, 32, 4, 1), 33, 40, (2 * 128, 1, 1), (128, 1, 1)),
+        (TileConfig(32, 32, 32, 2, 2), 8192, 3072, (96 * 128, 256, 1), (128, 1, 1)),
+        (TileConfig(128, 64, 64, 4, 2), 129, 64, (256, 2, 1), (256, 1, 1)),
+        (DecodeConfig(4, 4), 1, 8192, (512 * 128, 1, 1), (128, 1, 1)),
+        (DecodeConfig(4, 4), 9, 20, (2 * 128, 2, 1), (128, 1, 1)),
+        (DecodeConfig(2, 8), 3, 100, (7 * 256, 1, 1), (256, 1, 1)),
+    ],
+)
+def test_launch_geometry(config, M, N, grid, threadgroup):
+    assert source.geometry(config, M, N) == (grid, threadgroup)
+
+
+@pytest.mark.parametrize(("M", "tokens"), [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8),
+                                           (9, 8), (500, 8)])
+def test_decode_tokens_per_block(M, tokens):
+    assert source.decode_tokens(M) == tokens
+
+
+def test_small_m_goes_to_the_decode_kernel():
+    fn = variant.TiledQmm(TileConfig(160, 32, 32, 4, 1))
+    assert isinstance(fn.kernel_for(8), DecodeConfig)
+    assert fn.kernel_for(9) == TileConfig(160, 32, 32, 4, 1)
+    never = variant.TiledQmm(TileConfig(160, 32, 32, 4, 1, decode_max_m=0))
+    assert never.kernel_for(1) == never.config
+
+
+def test_packing_matches_mx_quantize():
+    """The layout the kernels read: value j of a word at bits j*bits, little-endian along K."""
+    import numpy as np
+
+    for bits in (4, 8):
+        w = mx.random.normal((3, 128), key=mx.random.key(bits))
+        packed, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+        words = np.asarray(packed)
+        per = 32 // bits
+        k = np.arange(128)
+        q = (words[:, k // per] >> ((k % per) * bits)) & ((1 << bits) - 1)
+        deq = q * np.asarray(scales)[:, k // 32] + np.asarray(biases)[:, k // 32]
+        expected = np.asarray(mx.dequantize(packed, scales, biases, group_size=32, bits=bits))
+        np.testing.assert_allclose(deq, expected, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,233 @@
+"""The generated kernels without a GPU: Metal syntax, nvcc compile, CPU emulation of both.
+
+* Metal: every kernel, wrapped as ``mx.fast.metal_kernel`` wraps it, parsed
+  by clang (the ``libclang`` wheel) against ``metal/syntax_stub.h``.
+* CUDA: every kernel, wrapped as ``mx.fast.cuda_kernel`` wraps it, compiled
+  by ``nvcc`` for sm_90a (no register spills) and sm_80.
+* Both: the same translation units compiled by ``g++`` against the CPU
+  emulations and run on awkward shapes against the float32 reference.
+
+Each part skips, naming what is missing, when its tool is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pytest_qmmperf import cuda, metal
+from pytest_qmmperf.cuda import check as cuda_check
+from pytest_qmmperf.metal import check as metal_check
+from pytest_qmmperf.tiled import PRESETS, DecodeConfig, generate, parse_name
+from pytest_qmmperf.tiled import emulate as emu
+from pytest_qmmperf.tiled.source import decode_tokens
+from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, relative_error
+
+#: The presets and the extra tiles the GPU benchmark tries.
+CONFIGS = [parse_name(n) for n in (
+    *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
+    "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
+    "tiled:32x64x128:wm2wn2",
+)]
+
+
+def _template(config, dtype: str, tokens: int = 8) -> list[tuple[str, str | int]]:
+    t: list[tuple[str, str | int]] = [("T", dtype)]
+    if isinstance(config, DecodeConfig):
+        t.append(("MR", tokens))
+    return t
+
+
+# --- Metal: clang syntax and type check ---------------------------------------
+
+needs_libclang = pytest.mark.skipif(metal_check.libclang_reason() is not None,
+                                    reason=str(metal_check.libclang_reason()))
+
+
+@needs_libclang
+def test_every_generated_metal_kernel_parses():
+    units = []
+    for config in CONFIGS:
+        for bits in (4, 8):
+            for gs in (32, 64, 128):
+                src = generate(config, bits=bits, group_size=gs, language="metal")
+                for dtype in ("float16", "bfloat16"):
+                    for tokens in ((1, 2, 4, 8) if isinstance(config, DecodeConfig) else (8,)):
+                        units.append(metal.translation_unit(
+                            src, dtype=dtype, template=_template(config, dtype, tokens)))
+    errors = metal_check.check(units)
+    assert not errors, "\n".join(str(e) for e in errors[:10])
+
+
+@needs_libclang
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # a threadgroup tile read through a device pointer
+        ("const threadgroup T* p = xs", "const device T* p = xs", "cannot initialize"),
+        # simdgroup matrices of two element types in one multiply
+        ("simdgroup_matrix<float, 8, 8> b[TN];", "simdgroup_matrix<half, 8, 8> b[TN];",
+         "no matching function for call to 'simdgroup_multiply_accumulate'"),
+        # a bit cast between types of different sizes
+        ("as_type<ushort>(static_cast<T>(a))", "as_type<ushort>(a)", "sizes differ"),
+        ("return v[i];", "return v[i] + lane;", "use of undeclared identifier 'lane'"),
+    ],
+)
+def test_the_metal_check_catches_errors(old, new, expected):
+    src = generate(parse_name("tiled:64x64:wm2wn2"), bits=4, group_size=64, language="metal")
+    assert old in src.header
+    broken = dataclasses.replace(src, header=src.header.replace(old, new))
+    errors = metal_check.check([metal.translation_unit(broken, dtype="bfloat16")])
+    assert any(expected in e.message for e in errors), [e.message for e in errors]
+
+
+def test_metal_translation_unit_matches_mlx_wrapping():
+    src = generate(parse_name("tiled:decode"), bits=4, group_size=64, language="metal")
+    text = metal.translation_unit(src, dtype="bfloat16", template=[("T", "bfloat16"), ("MR", 4)])
+    name = (f"custom_kernel_{src.name}__bfloat16_t_4_bfloat16_t_uint32_t_bfloat16_t_bfloat16_t"
+            "_bfloat16_t")
+    assert f"template <typename T, int MR>\n[[kernel]] void {name}(" in text
+    assert ("  const device bfloat16_t* x [[buffer(0)]],\n"
+            "  const constant int* x_shape [[buffer(1)]]") in text
+    assert "  device bfloat16_t* out [[buffer(6)]],\n  uint simdgroup_index_in_threadgroup" in text
+    assert text.rstrip().endswith(
+        f'template [[host_name("{name}")]] [[kernel]] decltype({name}<bfloat16_t, 4>) '
+        f"{name}<bfloat16_t, 4>;")
+    cxx = metal_check.as_cxx(text)
+    assert f"template decltype({name}<bfloat16_t, 4>)" in cxx
+    tiled = metal.translation_unit(generate(parse_name("tiled:32x32:wm2wn2"), bits=4,
+                                            group_size=64, language="metal"))
+    assert "\nstatic threadgroup uint4 xs_raw[" in metal_check.as_cxx(tiled)
+
+
+# --- CUDA: nvcc ------------------------------------------------------------------
+
+needs_nvcc = pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
+
+
+@needs_nvcc
+def test_every_generated_cuda_kernel_compiles_without_spills(tmp_path):
+    units = []
+    names = []
+    for config in CONFIGS:
+        for bits, gs, dtype in ((4, 64, "float16"), (8, 32, "bfloat16")):
+            src = generate(config, bits=bits, group_size=gs, language="cuda")
+            for tokens in ((1, 8) if isinstance(config, DecodeConfig) else (8,)):
+                template = _template(config, dtype, tokens)
+                units.append(cuda.translation_unit(src, dtype=dtype, template=template,
+                                                   default_header=not units))
+                names.append(cuda.kernel_name(src, template))
+    result = cuda_check.compile_check(units, tmp_path, archs=cuda_check.ARCHS)
+    assert result.returncode == 0, result.log[-4000:]
+    for name in names:
+        # sm_90a (H100, where MLX runs them) without spills; sm_80 compiles (the BK=128
+        # tiles spill a little there at 8 bits)
+        k = result.kernel(name, "sm_90a")
+        assert (k.spill_stores, k.spill_loads) == (0, 0), (name, k)
+        assert 0 < k.registers <= 255
+        assert result.kernel(name, "sm_80").registers > 0
+
+
+@needs_nvcc
+def test_nvcc_check_reports_errors(tmp_path):
+    src = generate(parse_name("tiled:32x32:wm2wn2"), bits=4, group_size=64, language="cuda")
+    broken = dataclasses.replace(src, body=src.body.replace("tile.init(lane);", "tile.init();"))
+    result = cuda_check.compile_check([cuda.translation_unit(broken)], tmp_path)
+    assert result.returncode != 0
+    assert "too few arguments" in result.log
+
+
+def test_ptxas_log_parsing():
+    log = """ptxas info    : Compiling entry function '_ZN3mlx4core2cu3fooEv' for 'sm_90a'
+ptxas info    : Function properties for _ZN3mlx4core2cu3fooEv
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 120 registers, used 1 barriers, 15360 bytes smem
+ptxas info    : Compiling entry function '_ZN3mlx4core2cu3barEv' for 'sm_80'
+ptxas info    : Function properties for _ZN3mlx4core2cu3barEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+"""
+    foo, bar = cuda_check.parse_ptxas(log)
+    assert (foo.arch, foo.registers, foo.spill_stores, foo.spill_loads, foo.shared_bytes) == \
+        ("sm_90a", 120, 4, 12, 15360)
+    assert (bar.arch, bar.registers, bar.spill_stores, bar.shared_bytes) == ("sm_80", 40, 0, 0)
+
+
+def test_cuda_translation_unit_matches_mlx_wrapping():
+    src = generate(parse_name("tiled:decode"), bits=8, group_size=32, language="cuda")
+    text = cuda.translation_unit(src, dtype="float16", template=[("T", "float16"), ("MR", 2)])
+    name = f"custom_kernel_{src.name}_float16_t_2"
+    assert (f"__global__ void {name}(\n    const __half* x,\n"
+            "    const __grid_constant__ Shape x_shape,\n    const uint32_t* w,\n") in text
+    assert "    __half* out) {\n  using T = __half;\n  constexpr int MR = 2;\n" in text
+    assert text.rstrip().endswith("} // namespace mlx::core::cu")
+
+
+# --- both: CPU emulation -------------------------------------------------------
+
+needs_gxx = pytest.mark.skipif(emu.compiler_reason() is not None,
+                               reason=str(emu.compiler_reason()))
+
+#: (variant, spec): every configuration on a shape that is not a multiple of its
+#: tile, rotating through dtypes, bit widths and group sizes.
+_QUANT = [("float16", 4, 64), ("bfloat16", 8, 32), ("float16", 8, 128), ("bfloat16", 4, 32)]
+EMULATED = []
+for _i, _config in enumerate(CONFIGS):
+    _dtype, _bits, _gs = _QUANT[_i % len(_QUANT)]
+    _M = 5 if isinstance(_config, DecodeConfig) else 37
+    EMULATED.append((
+        emu.EmulatedKernel(_config, _bits, _gs, _dtype, tokens=decode_tokens(_M)),
+        QmmSpec(M=_M, N=72, K=256, bits=_bits, group_size=_gs, dtype=_dtype),
+    ))
+# M = 1 and M = 9 (two token blocks) through the decode kernel, K at one group
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(), 4, 32, "bfloat16", tokens=1),
+                 QmmSpec(M=1, N=40, K=32, bits=4, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2), 8, 64, "float16", tokens=8),
+                 QmmSpec(M=9, N=20, K=1088, bits=8, group_size=64)))
+# the tile at M = 1 and at the smallest K
+EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
+                 QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))
+
+
+@pytest.fixture(scope="module", params=["metal", "cuda"])
+def emulator(request, tmp_path_factory):
+    if emu.compiler_reason():
+        pytest.skip(emu.compiler_reason())
+    language = request.param
+    exe = emu.build([k for k, _ in EMULATED], language, tmp_path_factory.mktemp(language))
+    return language, exe
+
+
+@needs_gxx
+def test_emulated_kernels_match_the_reference(emulator):
+    language, exe = emulator
+    for index, (kernel, spec) in enumerate(EMULATED):
+        inputs = make_inputs(spec, seed=index)
+        out = emu.run(exe, index, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
+        check_output(spec, inputs, out, f"{language} {kernel.config.name}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("language", ["metal", "cuda"])
+def test_emulation_catches_a_wrong_fragment_layout(language, tmp_path, monkeypatch):
+    """Swapping the two k-halves a lane loads must break the product, in either language."""
+    from pytest_qmmperf.tiled import source
+
+    wrong = {
+        "metal": ("const threadgroup T* p = xs + (i * 8 + fm) * BKP + kk + fn;",
+                  "const threadgroup T* p = xs + (i * 8 + fn) * BKP + kk + fm;"),
+        "cuda": ("kk + (lane >> 4) * 8);", "kk + ((lane >> 3) & 1) * 8);"),
+    }[language]
+    dialect = source.DIALECTS[language]
+    layer = dialect.layer()
+    assert wrong[0] in layer
+    monkeypatch.setattr(type(dialect), "layer", lambda self: layer.replace(*wrong))
+    kernel = emu.EmulatedKernel(parse_name("tiled:32x32:wm2wn2"), 4, 64, "float16")
+    spec = QmmSpec(M=16, N=32, K=64)
+    exe = emu.build([kernel], language, tmp_path)
+    inputs = make_inputs(spec)
+    out = emu.run(exe, 0, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
+    from pytest_qmmperf.workloads.qmm import reference
+
+    assert relative_error(out, reference(spec, inputs)) > 0.5

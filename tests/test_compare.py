@@ -202,8 +202,10 @@ def test_base_whose_benchmarks_fail_to_import(repo: git.Repo,
     assert_clean(repo, tmpdir_env)
 
 
-def test_interrupted_compare_leaves_nothing(repo: git.Repo, tmpdir_env: dict[str, str]) -> None:
-    """SIGTERM while base's pytest runs: the child stops, the worktree goes, status 2."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_interrupted_compare_leaves_nothing(repo: git.Repo, tmpdir_env: dict[str, str],
+                                            signum: int) -> None:
+    """A signal while base's pytest runs: the child stops, the worktree goes, status 2."""
     commit(repo, {"benchmarks/conftest.py": "import time\ntime.sleep(60)\n"}, "slow base")
     commit(repo, {"benchmarks/conftest.py": ""}, "fast head")
     proc = subprocess.Popen(
@@ -224,10 +226,11 @@ def test_interrupted_compare_leaves_nothing(repo: git.Repo, tmpdir_env: dict[str
         pytest.fail("the base run never started")
     assert repo.git.worktree("list").count("\n") == 1  # main + the base worktree
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == cmp.EXIT_INTERRUPTED, err
-    assert "interrupted (SIGTERM); worktree removed" in err
+    said = " (SIGTERM)" if signum == signal.SIGTERM else ""
+    assert f"qmmperf compare: interrupted{said}; worktree removed" in err
     assert_clean(repo, tmpdir_env)
 
 

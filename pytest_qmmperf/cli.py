@@ -138,8 +138,14 @@ def _this_key(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _pytest_args(args: argparse.Namespace) -> list[str]:
+    """The arguments meant for pytest (a leading ``--`` separator dropped)."""
+    extra = list(args.extra)
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
 def _cmd_baseline_update(args: argparse.Namespace) -> int:
-    return _pytest(["--qmm-bench", "--qmm-save-baseline", *args.extra])
+    return _pytest(["--qmm-bench", "--qmm-save-baseline", *_pytest_args(args)])
 
 
 def _cmd_baseline_show(args: argparse.Namespace) -> int:
@@ -224,7 +230,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="qmmperf-calibrate-") as tmp:
         for i in range(args.runs):
             out = Path(tmp) / f"run{i}.json"
-            rc = _pytest(["--qmm-bench", f"--qmm-json={out}", *args.extra], quiet=True)
+            rc = _pytest(["--qmm-bench", f"--qmm-json={out}", *_pytest_args(args)], quiet=True)
             if rc not in (0, 1) or not out.is_file():  # 1: regressions against a baseline
                 print(f"qmmperf calibrate: run {i + 1} of {args.runs} ended with exit status "
                       f"{rc}; fix the suite first", file=sys.stderr)

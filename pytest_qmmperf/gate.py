@@ -31,11 +31,20 @@ machine changed, not the code: time metrics are divided by the reference
 ratio and rate metrics multiplied by it before comparing, and every verdict
 says so.  The ratio is taken between the faster halves of the reference
 samples, so a passing spike in a few reference rounds does not count as a
-slower machine (see :func:`local_drift`).
-Memory is never scaled.  No correction is made across MLX versions, since the
-reference workload runs on MLX too and an MLX slowdown is a regression to
-catch, not drift to explain away.  Nothing is widened: the interval is the
-one the corrected samples give.
+slower machine (see :func:`local_drift`).  Memory is never scaled.  No
+correction is made across MLX versions, since the reference workload runs
+on MLX too and an MLX slowdown is a regression to catch, not drift to
+explain away.  Nothing is widened: the interval is the one the corrected
+samples give.  When the reference right before and right after a benchmark
+differ by more than :data:`UNSTEADY_LIMIT`, the machine changed speed while
+the benchmark ran; no single correction fits its rounds, so its timing
+verdicts are reported and not enforced (:func:`unsteady`).
+
+The correction is only as good as the reference's likeness to the benchmark:
+under contention from other work, different workloads slow down by
+different factors (measured on a shared 2-core CPU: a 1.8-2.4x slowdown of a
+QMM benchmark came with a 1.5-2.0x slowdown of the reference).  Where that
+matters, same-machine A/B (``qmmperf compare``) is the remedy.
 """
 
 from __future__ import annotations

@@ -194,6 +194,7 @@ class QmmSession:
             repo = self._repo()
             if o.baseline_rev:
                 rev.resolve(repo, o.baseline_rev)
+                rev.repo_relative(repo, o.baseline_dir)  # read from REV's tree: must be in it
             if o.save_baseline:
                 self.head = rev.head(repo)
                 self._refuse_dirty(repo)

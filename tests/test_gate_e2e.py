@@ -1,8 +1,10 @@
 """The gate end to end: pytester runs of the plugin in real git repositories, real MLX on CPU.
 
-The timed tests use a threshold of 50%: the slowdowns made here are 3x, and
+The timed tests use a threshold of 50%: the slowdowns made here are 5x, and
 a loose threshold keeps an unchanged commit passing even when other work on
-this shared 2-core machine starts or stops between two runs.  How the gate
+this shared 2-core machine starts or stops between two runs (a 5x slowdown
+stays far beyond 50% even when the machine-drift correction overshoots by
+the 2x measured under heavy contention).  How the gate
 fares at the default 5% is measured by ``benchmarks/gate_accuracy.py``.
 """
 
@@ -119,8 +121,8 @@ def test_record_pass_fail_and_pass_after_the_revert(repo: Repo) -> None:
     assert report["passed"] and report["baseline"]["sha"] == a
     assert {v["status"] for v in report["verdicts"] if v["metric"] == "time_s"} == {"unchanged"}
 
-    repo.suite(reps=3)
-    repo.commit("C: three times the work")
+    repo.suite(reps=5)
+    repo.commit("C: five times the work")
     c_run = repo.run("--qmm-json=c.json.out")
     assert c_run.ret == 1
     c_run.assert_outcomes(failed=1)
@@ -137,7 +139,7 @@ def test_record_pass_fail_and_pass_after_the_revert(repo: Repo) -> None:
     verdict = next(v for v in json.loads((repo.root / "c.json.out").read_text())["verdicts"]
                    if v["metric"] == "time_s")
     assert verdict["status"] == "regression" and verdict["failed"]
-    assert verdict["change"] > 1.0  # about +200%
+    assert verdict["change"] > 1.0  # about +400%
 
     repo.suite(reps=1)
     repo.commit("D: revert C")
@@ -236,7 +238,7 @@ def test_params_mismatch_is_reported_not_compared(repo: Repo) -> None:
     a = record(repo)
     text = (repo.root / "test_suite.py").read_text().replace("qmm_bench(chain)",
                                                              "qmm_bench(chain, flops=1e6)")
-    (repo.root / "test_suite.py").write_text(text.replace("REPS = 1", "REPS = 3"))
+    (repo.root / "test_suite.py").write_text(text.replace("REPS = 1", "REPS = 5"))
     repo.commit("count flops, and do more work")
     result = repo.run()
     result.assert_outcomes(passed=1)
@@ -250,7 +252,7 @@ def test_params_mismatch_is_reported_not_compared(repo: Repo) -> None:
 def test_baseline_rev_reads_the_revs_tree_not_the_work_tree(repo: Repo) -> None:
     a = record(repo)
     repo.git.create_head("feature").checkout()
-    repo.suite(reps=3)
+    repo.suite(reps=5)
     repo.commit("slower")
     # The branch "fixes" the yardstick in its work tree: re-records A's file with its slow numbers.
     path = repo.baseline_path(a)
@@ -269,7 +271,7 @@ def test_baseline_rev_reads_the_revs_tree_not_the_work_tree(repo: Repo) -> None:
 
 def test_thresholds_from_marker_and_bad_values(repo: Repo) -> None:
     record(repo)
-    repo.suite(reps=3, extra="\nimport pytest\ntest_matmul = "
+    repo.suite(reps=5, extra="\nimport pytest\ntest_matmul = "
                              "pytest.mark.qmm_threshold(time_s='900%')(test_matmul)\n")
     repo.commit("slower, with a generous marker")
     result = repo.run("--qmm-json=m.json.out")
@@ -290,7 +292,7 @@ def test_thresholds_from_marker_and_bad_values(repo: Repo) -> None:
 
 def test_saving_over_a_regression_reports_without_failing(repo: Repo) -> None:
     record(repo)
-    repo.suite(reps=3)
+    repo.suite(reps=5)
     head = repo.commit("slower, on purpose")
     result = repo.run("--qmm-save-baseline")
     result.assert_outcomes(passed=1)
@@ -326,7 +328,7 @@ def test_virtual_gpu_reports_timing_without_failing(repo: Repo) -> None:
         "    get_session(config)._fingerprint = {**fingerprint(), 'virtual': True,\n"
         "                                        'device_name': 'Apple Paravirtual device'}\n"
     )
-    repo.suite(reps=3)
+    repo.suite(reps=5)
     repo.commit("slower, on a virtual GPU")
     reported = repo.run()
     reported.assert_outcomes(passed=1)
@@ -361,7 +363,7 @@ def qmmperf(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_baseline_update_records_at_head(repo: Repo) -> None:
     head = repo.git.head.commit.hexsha
-    done = qmmperf(repo, "baseline", "update", *FAST[1:])
+    done = qmmperf(repo, "baseline", "update", "--", *FAST[1:])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--qmm-bench --qmm-save-baseline" in done.stderr  # the command it ran
     assert f"baseline saved: baselines/{KEY}/{head}.json (1 benchmark)" in done.stdout

@@ -23,7 +23,14 @@ from pytest_qmmperf import timing
 from pytest_qmmperf.hardware import BackendError, import_mlx
 from pytest_qmmperf.metrics import BenchResult
 from pytest_qmmperf.variants import Variant, VariantError, get_variant
-from pytest_qmmperf.workloads.qmm import QmmSpec, QmmSpecError, check_output, make_inputs
+from pytest_qmmperf.workloads.qmm import (
+    QmmSpec,
+    QmmSpecError,
+    check_output,
+    input_sets,
+    launcher,
+    make_inputs,
+)
 
 if TYPE_CHECKING:
     from pytest_qmmperf.session import QmmSession
@@ -70,13 +77,12 @@ class QmmBench:
             _fail(f"qmm_bench.qmm: {exc}")
         kernel = self._variant(variant, spec)
         mx = self._mx()
-        kw = {"transpose": transpose, "group_size": group_size, "bits": bits, "mode": mode}
         params = {**spec.params(), "variant": variant}
 
         with self._device_errors(f"{variant} {spec.label()}"):
             first = make_inputs(spec, seed=0)
             try:
-                out = kernel(first.x, first.w, first.scales, first.biases, **kw)
+                out = launcher(spec, kernel, [first])(0)[0]
                 mx.eval(out)
                 err = check_output(spec, first, out, variant)
             except AssertionError as exc:
@@ -84,20 +90,13 @@ class QmmBench:
             del out
             if not self._timing_wanted():
                 return None
-            set_bytes = max(1, spec.bytes)
-            count = min(MAX_INPUT_SETS,
-                        max(1, math.ceil(self._session.policy().rotate_bytes / set_bytes)))
-            sets = [first] + [make_inputs(spec, seed=i) for i in range(1, count)]
-
-            def launch(i: int) -> list[Any]:
-                s = sets[i % count]
-                return [kernel(s.x, s.w, s.scales, s.biases, **kw)]
-
+            sets = input_sets(spec, self._session.policy().rotate_bytes, MAX_INPUT_SETS, first)
+            launch = launcher(spec, kernel, sets)
             samples, info = self._time(launch, f"{variant} {spec.label()}")
             samples.update(timing.derived_metrics(samples["time_s"], spec.flops, spec.bytes,
                                                   self._session.peaks()))
-            samples["peak_memory_gb"] = [self._working_set_gb(launch, set_bytes)]
-            info.update(input_sets=count, relative_error=err, flops=spec.flops,
+            samples["peak_memory_gb"] = [self._working_set_gb(launch, spec.bytes)]
+            info.update(input_sets=len(sets), relative_error=err, flops=spec.flops,
                         bytes=spec.bytes, roofline_source=self._session.peaks().source)
         return self._finish("qmm", params, samples, info)
 

@@ -202,3 +202,28 @@ def check_output(spec: QmmSpec, inputs: QmmInputs, out: Any, variant: str) -> fl
             f"exceeds {tol:.3g} (the {spec.dtype} tolerance at K={spec.K} against the float32 reference)"
         )
     return err
+
+
+def input_sets(spec: QmmSpec, rotate_bytes: int, max_sets: int = 128,
+               first: QmmInputs | None = None) -> list[QmmInputs]:
+    """Distinct seeded input sets whose total footprint reaches ``rotate_bytes``.
+
+    Launches cycle through them so each reads operands the previous launches
+    did not leave in cache (set 0 is ``first`` when given).
+    """
+    count = min(max_sets, max(1, math.ceil(rotate_bytes / max(1, spec.bytes))))
+    head = first if first is not None else make_inputs(spec, seed=0)
+    return [head] + [make_inputs(spec, seed=i) for i in range(1, count)]
+
+
+def launcher(spec: QmmSpec, kernel: Any, sets: list[QmmInputs]) -> Any:
+    """A timing launch: ``launch(i)`` builds (lazily) the QMM on input set ``i mod len(sets)``."""
+    kw = {"transpose": spec.transpose, "group_size": spec.group_size, "bits": spec.bits,
+          "mode": spec.mode}
+    count = len(sets)
+
+    def launch(i: int) -> list[Any]:
+        s = sets[i % count]
+        return [kernel(s.x, s.w, s.scales, s.biases, **kw)]
+
+    return launch

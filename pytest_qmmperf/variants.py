@@ -209,11 +209,32 @@ def _dequant_qmm(x, w, scales, biases, *, transpose=True, group_size=64, bits=4,
     return x @ (wd.T if transpose else wd)
 
 
+#: Rows of activations from which ``hybrid`` switches to dequantize + matmul.
+HYBRID_MIN_ROWS = 512
+
+
+def _hybrid_qmm(x, w, scales, biases, *, transpose=True, group_size=64, bits=4, mode="affine"):
+    # Large M is compute-bound: a dense tensor-core GEMM on weights dequantized
+    # once beats a fused QMM there, while small M (decode) is bandwidth-bound
+    # and must read the packed weights only.  The dispatch is on the host, per
+    # call, so one model prefills with the GEMM and decodes with the QMM.
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    kernel = _dequant_qmm if rows >= HYBRID_MIN_ROWS else _mlx_qmm
+    return kernel(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
+                  mode=mode)
+
+
 register_variant(
     Variant("mlx", _mlx_qmm, "mx.quantized_matmul: MLX's own quantized kernels")
 )
 register_variant(
     Variant("dequant", _dequant_qmm, "mx.dequantize to the activation dtype, then a dense matmul")
+)
+register_variant(
+    Variant("hybrid", _hybrid_qmm,
+            f"mlx below {HYBRID_MIN_ROWS} activation rows (decode), dequant at and above (prefill)")
 )
 
 # The tiled Metal/CUDA family. Imported last because it imports this module;

@@ -33,10 +33,10 @@ def cleanup():
 
 
 def test_builtins_are_registered_and_correct():
-    assert variant_names()[:2] == ["mlx", "dequant"]
+    assert variant_names()[:3] == ["mlx", "dequant", "hybrid"]
     spec = QmmSpec(M=3, N=64, K=128, dtype="float32")
     i = make_inputs(spec)
-    for name in ("mlx", "dequant"):
+    for name in ("mlx", "dequant", "hybrid"):
         out = get_variant(name)(i.x, i.w, i.scales, i.biases, transpose=True, group_size=64,
                                 bits=4, mode="affine")
         assert check_output(spec, i, out, name) < 1e-5
@@ -69,7 +69,7 @@ def test_bad_names_are_refused(bad):
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(VariantError) as info:
         get_variant("nope")
-    assert str(info.value).startswith("unknown variant 'nope'; known variants: mlx, dequant")
+    assert str(info.value).startswith("unknown variant 'nope'; known variants: mlx, dequant, hybrid")
 
 
 def test_families_resolve_once_and_cache(cleanup):
@@ -102,3 +102,22 @@ def test_entry_points_call_register(cleanup):
     cleanup.append("test-ep")
     variants.load_entry_points([EntryPoint()])
     assert get_variant("test-ep").description == "from a package"
+
+
+def test_hybrid_dispatches_on_activation_rows():
+    calls: list[str] = []
+    spec_small = QmmSpec(M=4, N=64, K=128, dtype="float32")
+    spec_large = QmmSpec(M=variants.HYBRID_MIN_ROWS, N=64, K=128, dtype="float32")
+    for spec in (spec_small, spec_large):
+        i = make_inputs(spec)
+        out = get_variant("hybrid")(i.x, i.w, i.scales, i.biases, transpose=True,
+                                     group_size=64, bits=4, mode="affine")
+        check_output(spec, i, out, "hybrid")
+        # the dense path materialises a dequantized weight; the fused path does not
+        mx.eval(out)
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(get_variant("hybrid")(i.x, i.w, i.scales, i.biases, transpose=True,
+                                      group_size=64, bits=4, mode="affine"))
+        calls.append("dequant" if mx.get_peak_memory() - before >= 64 * 128 * 4 else "mlx")
+    assert calls == ["mlx", "dequant"]

@@ -50,7 +50,7 @@ def _median_loop(launch, launches: int, rounds: int, start: int = 0) -> float:
     return statistics.median(times)
 
 
-def child(out: Path, budget: float, shrink: int) -> None:
+def child(out: Path, budget: float, shrink: int, round_ms: float | None) -> None:
     import mlx.core as mx
 
     from pytest_qmmperf import timing
@@ -65,7 +65,8 @@ def child(out: Path, budget: float, shrink: int) -> None:
     )
 
     backend = backend_name(mx)
-    policy = timing.TimingPolicy.for_backend(backend, budget_s=budget)
+    policy = timing.TimingPolicy.for_backend(
+        backend, budget_s=budget, round_s=round_ms / 1e3 if round_ms else None)
     overhead = timing.eval_overhead_s(backend)
     rows = []
     for name, N, K in SHAPES:
@@ -132,11 +133,13 @@ def main() -> int:
                         help="seconds of timed rounds per kernel and run (default 0.75)")
     parser.add_argument("--shrink", type=int, default=1,
                         help="divide every size by this (for a quick CPU try)")
+    parser.add_argument("--round-ms", type=float, default=None,
+                        help="minimum device time per round (default: the fixture's policy)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
-        child(args.out / "run.json", args.budget, args.shrink)
+        child(args.out / "run.json", args.budget, args.shrink, args.round_ms)
         return 0
     runs = []
     for i in range(args.runs):
@@ -144,7 +147,8 @@ def main() -> int:
         run_dir.mkdir(exist_ok=True)
         t0 = time.time()
         subprocess.run([sys.executable, __file__, "--child", "--out", str(run_dir),
-                        "--budget", str(args.budget), "--shrink", str(args.shrink)], check=True)
+                        "--budget", str(args.budget), "--shrink", str(args.shrink)]
+                       + (["--round-ms", str(args.round_ms)] if args.round_ms else []), check=True)
         print(f"run {i + 1} took {time.time() - t0:.0f} s", flush=True)
         runs.append(json.loads((run_dir / "run.json").read_text()))
     table = summarize(runs)

@@ -247,8 +247,12 @@ class QmmBench:
         self._progress(f"{label}: warming up")
         timer.prepare()
         self._progress(f"{label}: {timer.rounds} rounds of {timer.launches} launches")
-        self._benchmark().pedantic(timer.target, setup=timer.setup, rounds=timer.rounds,
-                                   iterations=1, warmup_rounds=0)
+        timer.resume()  # refill the pipeline after the progress line
+        try:
+            self._benchmark().pedantic(timer.step, rounds=timer.rounds, iterations=1,
+                                       warmup_rounds=0)
+        finally:
+            timer.drain()
         info = timer.info()
         info["cold_start_s"] = timer.cold_start_s
         return {"time_s": list(timer.samples_s), "cold_start_s": [timer.cold_start_s]}, info

@@ -249,6 +249,13 @@ class QmmSession:
             state.message = f"{exc}; nothing to compare with"
             self._gate = state
             return state
+        if not repo.head.is_valid() and not self.options.baseline_rev:
+            # A repository without commits has no baseline yet; that is not an error.
+            state.message = (f"{repo.working_tree_dir}: the repository has no commits yet, so "
+                             "there is no baseline; commit, then record one with "
+                             "--qmm-save-baseline")
+            self._gate = state
+            return state
         try:
             state.lookup = baselines.find(repo, self.options.baseline_dir, state.key,
                                           self.options.baseline_rev)

@@ -1,24 +1,28 @@
 """Device-true timing of MLX work.
 
-MLX builds a lazy graph; ``mx.eval`` dispatches it and ``mx.synchronize``
-waits for the device.  A round therefore looks like this:
+MLX builds a lazy graph; ``mx.eval`` dispatches it and waits for it.  Timing
+one evaluation at a time measures the host as much as the device: the
+fixed cost of an evaluation (0.13-0.38 ms per eval on an H100, against 11-36
+us per QMM), and the idle gap while Python builds the next graph, during
+which a GPU lowers its clocks.  Here, launches are *pipelined*:
 
-1. *setup* (untimed): build the lazy outputs of ``L`` launches, each on its own
-   input set (sets rotate so the operands' footprint exceeds the caches and
-   no launch reads what the previous one left hot);
-2. *target* (timed): one ``mx.eval`` of all ``L`` outputs, then synchronise.
+1. a round is ``L`` launches, each on its own input set (sets rotate so the
+   operands' footprint exceeds the caches), queued with ``mx.async_eval``;
+2. each step queues round ``r + 1`` and only then waits for round ``r``, so
+   the device always has the next round queued behind the one it is
+   running and never idles;
+3. a sample is the interval between the completions of consecutive rounds,
+   divided by ``L``: in steady state that is the device time of one launch,
+   with no synchronisation latency or host overhead in it.
 
-Queueing ``L`` launches per evaluation amortises the fixed cost of an
-evaluation (dispatch, command-buffer commit, the wait itself: 0.13-0.38 ms
-per eval on an H100 against 11-36 us per QMM).  What is left of that fixed
-cost is measured once per process with a trivial kernel and subtracted from
-every round before dividing by ``L``, so a sample is the device time of one
-launch.  ``L`` grows until a round lasts at least ``max(round_s, 20 x
-overhead)``; the number of rounds is chosen from a pilot's spread to reach
-the precision target within the time budget.
-
-The first launch JIT-compiles kernels; it is reported as ``cold_start_s``
-and never mixed into the samples.
+``L`` (a power of two) grows until a round lasts at least ``round_s``; a
+continuous warm-up brings clocks to steady state first; the number of rounds
+comes from a pilot's spread, to reach the precision target within the time
+budget.  The first launch JIT-compiles kernels: it is reported as
+``cold_start_s`` and never mixed into the samples.  If the host cannot queue
+launches as fast as the device runs them (kernels of a few microseconds),
+a sample is the host's dispatch time instead; ``single_eval_s`` in the info
+is one launch per evaluation, for comparison.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class TimingPolicy:
     min_rounds: int = 10
     max_rounds: int = 2000
     budget_s: float = 5.0
-    warmup_s: float = 0.25
+    warmup_s: float = 0.5
     round_s: float = 0.002
     max_launches: int = 512
     rotate_bytes: int = 256 << 20
@@ -62,7 +66,7 @@ class TimingPolicy:
     def for_backend(cls, backend: str, **overrides: Any) -> TimingPolicy:
         """Defaults per backend; CPU rounds are longer and operands smaller."""
         if backend == "cpu":
-            base = cls(precision=0.01, min_rounds=7, budget_s=2.0, warmup_s=0.05,
+            base = cls(precision=0.01, min_rounds=7, budget_s=2.0, warmup_s=0.02,
                        round_s=0.004, max_launches=64, rotate_bytes=64 << 20)
         else:
             base = cls()
@@ -145,11 +149,11 @@ def rounds_for_precision(cv: float, precision: float) -> int:
 
 @dataclass
 class RoundTimer:
-    """Times ``launch`` in rounds of ``launches`` queued launches (see module docstring).
+    """Times ``launch`` in pipelined rounds of ``launches`` launches (see module docstring).
 
-    Use :meth:`prepare` once (cold start, warm-up, pilot, plan), then either
-    :meth:`run` or hand :meth:`setup` and :meth:`target` to
-    ``benchmark.pedantic(target, setup=setup, rounds=timer.rounds)``.
+    Use :meth:`prepare` once (cold start, launches per round, warm-up, pilot,
+    rounds), then either :meth:`run`, or :meth:`resume`, ``rounds`` calls of
+    :meth:`step` (e.g. through ``benchmark.pedantic``) and :meth:`drain`.
     """
 
     launch: Launch
@@ -158,10 +162,13 @@ class RoundTimer:
     launches: int = 1
     rounds: int = 0
     cold_start_s: float = math.nan
+    single_eval_s: float = math.nan
     pilot_cv: float = math.nan
     samples_s: list[float] = field(default_factory=list)
     round_times_s: list[float] = field(default_factory=list)
     _counter: int = 0
+    _pending: list[Any] | None = None
+    _last_done: float = 0.0
 
     def _build(self, count: int) -> list[Any]:
         arrays: list[Any] = []
@@ -171,49 +178,70 @@ class RoundTimer:
         return arrays
 
     def _per_launch(self, elapsed: float, count: int) -> float:
-        # Never let the overhead correction remove more than half a round: if
-        # it would, the round was too short to say anything and we keep more.
+        # For the estimate from single evaluations only: never let the overhead
+        # correction remove more than half of what was measured.
         return max(elapsed - self.overhead_s, 0.5 * elapsed) / count
 
     def prepare(self) -> None:
-        """Cold run, warm-up, launches per round and number of rounds."""
+        """Cold run, launches per round, warm-up, pilot and number of rounds."""
         p = self.policy
         self.cold_start_s = _timed_eval(self._build(1))
-        start = time.perf_counter()
-        single: list[float] = []
-        while len(single) < 3 or time.perf_counter() - start < p.warmup_s:
-            single.append(_timed_eval(self._build(1)))
-            if len(single) >= 200:
-                break
-        per_launch = self._per_launch(statistics.median(single[-5:]), 1)
-        round_s = max(p.round_s, 20 * self.overhead_s)
-        launches = min(p.max_launches, max(1, math.ceil(round_s / max(per_launch, 1e-9))))
+        single = [_timed_eval(self._build(1)) for _ in range(5)]
+        self.single_eval_s = statistics.median(single)
+        per_launch = self._per_launch(self.single_eval_s, 1)
+        launches = min(p.max_launches, max(1, math.ceil(p.round_s / max(per_launch, 1e-9))))
         # A power of two keeps L stable between runs when the estimate wobbles.
-        self.launches = 1 << max(0, math.ceil(math.log2(launches)) - (launches < 2))
-        self.launches = min(self.launches, p.max_launches)
-        pilot = [self._per_launch(_timed_eval(self._build(self.launches)), self.launches)
-                 for _ in range(5)]
+        self.launches = min(1 << math.ceil(math.log2(launches)), p.max_launches)
+        self.resume()
+        start = time.perf_counter()
+        while time.perf_counter() - start < p.warmup_s:
+            self.step(record=False)
+        pilot = [self.step(record=False) for _ in range(5)]
         self.pilot_cv = robust_cv(pilot)
         wanted = rounds_for_precision(self.pilot_cv, p.precision)
-        round_wall = statistics.median(pilot) * self.launches + self.overhead_s
-        affordable = max(1, int(p.budget_s / max(round_wall, 1e-9)))
+        affordable = max(1, int(p.budget_s / max(statistics.median(pilot) * self.launches, 1e-9)))
         self.rounds = max(p.min_rounds, min(wanted, affordable, p.max_rounds))
 
-    def setup(self) -> tuple[tuple[list[Any]], dict[str, Any]]:
-        """Build one round's lazy outputs (untimed)."""
-        return (self._build(self.launches),), {}
+    def resume(self) -> None:
+        """(Re)fill the pipeline after a pause: one round queued behind one waited for."""
+        import mlx.core as mx
 
-    def target(self, arrays: list[Any]) -> None:
-        """Evaluate one round and record its per-launch sample."""
-        elapsed = _timed_eval(arrays)
-        self.round_times_s.append(elapsed)
-        self.samples_s.append(self._per_launch(elapsed, self.launches))
+        if self._pending is None:
+            self._pending = self._build(self.launches)
+            mx.async_eval(self._pending)
+        self.step(record=False)
+
+    def step(self, record: bool = True) -> float:
+        """Queue the next round, wait for the previous one; return its per-launch time."""
+        import mlx.core as mx
+
+        queued = self._build(self.launches)
+        mx.async_eval(queued)
+        mx.eval(self._pending)
+        done = time.perf_counter()
+        per_launch = (done - self._last_done) / self.launches
+        self._last_done = done
+        self._pending = queued
+        if record:
+            self.round_times_s.append(per_launch * self.launches)
+            self.samples_s.append(per_launch)
+        return per_launch
+
+    def drain(self) -> None:
+        """Wait for the round still queued (untimed) and empty the pipeline."""
+        import mlx.core as mx
+
+        if self._pending is not None:
+            mx.eval(self._pending)
+            mx.synchronize()
+            self._pending = None
 
     def run(self, rounds: int | None = None) -> list[float]:
-        """Run the planned rounds without pytest-benchmark; return the samples."""
+        """Run the planned rounds without pytest-benchmark; return all samples."""
+        self.resume()
         for _ in range(self.rounds if rounds is None else rounds):
-            args, _ = self.setup()
-            self.target(*args)
+            self.step()
+        self.drain()
         return self.samples_s
 
     def info(self) -> dict[str, Any]:
@@ -221,6 +249,8 @@ class RoundTimer:
         return {
             "launches_per_round": self.launches,
             "rounds": len(self.samples_s),
+            "timing": "pipelined",
+            "single_eval_s": self.single_eval_s,
             "eval_overhead_s": self.overhead_s,
             "pilot_cv": self.pilot_cv,
             "precision_target": self.policy.precision,

@@ -382,3 +382,15 @@ def test_calibrate_recommends_thresholds(repo: Repo) -> None:
     assert lines[-1].startswith('qmm_thresholds = ["peak_memory_gb=') and "time_s=" in lines[-1]
     bad = qmmperf(repo, "calibrate", "--runs", "1")
     assert bad.returncode == 2 and "need at least 2 runs" in bad.stderr
+
+
+def test_a_repository_without_commits_reports_no_baseline_and_passes(pytester):
+    import git
+
+    git.Repo.init(pytester.path)
+    pytester.makepyfile(
+        "def test_it(qmm_bench):\n    qmm_bench.qmm(2, 64, 64, dtype='float32')\n")
+    result = pytester.runpytest("--qmm-bench", "--qmm-time-budget=0.05", "--qmm-min-rounds=3",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*no commits yet, so there is no baseline*"])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import mlx.core as mx
 import pytest
 
@@ -63,11 +64,36 @@ def test_round_timer_plans_and_records_per_launch_samples():
     before = len(seen)
     samples = timer.run()
     assert len(samples) == timer.rounds == len(timer.round_times_s)
-    assert len(seen) - before == timer.rounds * timer.launches
+    # one unrecorded round refills the pipeline, then one round per sample
+    assert len(seen) - before == (timer.rounds + 1) * timer.launches
     assert seen == list(range(len(seen)))  # every launch takes the next input set
     # a sample is a round divided by its launches
     assert samples[0] == pytest.approx(timer.round_times_s[0] / timer.launches)
     assert timer.info()["launches_per_round"] == timer.launches
+    assert timer._pending is None  # drained: nothing left queued
+
+
+def test_pipelined_samples_measure_the_work_not_the_host():
+    # Two workloads, one doing 4x the matmuls of the other, timed alike: the
+    # per-launch samples must scale with the work (a host-bound timer would not).
+    a = [mx.random.normal((192, 192)) for _ in range(2)]
+    mx.eval(a)
+
+    def work(n):
+        def launch(i):
+            out = a[i % 2]
+            for _ in range(n):
+                out = out @ a[(i + 1) % 2] * 0.01
+            return [out]
+        return launch
+
+    policy = TimingPolicy.for_backend("cpu", budget_s=0.05, min_rounds=5)
+    medians = []
+    for n in (1, 4):
+        timer = RoundTimer(work(n), policy)
+        timer.prepare()
+        medians.append(statistics.median(timer.run()))
+    assert 2.5 < medians[1] / medians[0] < 6
 
 
 def test_overhead_is_subtracted_but_never_more_than_half_a_round():

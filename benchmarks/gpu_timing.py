@@ -113,7 +113,7 @@ def summarize(runs: list[dict]) -> str:
         ours = [p["ours_s"] for p in per]
         bare = [p["bare_s"] for p in per]
         plain = [p["plain32_s"] for p in per]
-        ratio = statistics.median(o / b for o, b in zip(ours, bare))
+        ratio = statistics.median(o / b for o, b in zip(ours, bare, strict=True))
         single = ""
         if row["single_s"]:
             single = f"{statistics.median(p['single_s'] / p['ours_s'] for p in per):.1f}x"

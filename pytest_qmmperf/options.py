@@ -98,7 +98,9 @@ def _number(text: Any, what: str, kind: type, minimum: float) -> Any:
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise pytest.UsageError(f"{what}={text!r}: expected a {kind.__name__} >= {minimum}") from None
+        raise pytest.UsageError(
+            f"{what}={text!r}: expected a {kind.__name__} >= {minimum}"
+        ) from None
     if value < minimum:
         raise pytest.UsageError(f"{what}={text!r}: expected a {kind.__name__} >= {minimum}")
     return value

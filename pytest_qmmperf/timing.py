@@ -114,7 +114,7 @@ def _timed_eval(arrays: Sequence[Any]) -> float:
     return time.perf_counter() - t0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eval_overhead_s(device: str = "default") -> float:
     """Median wall time of evaluating one trivial kernel: the fixed cost per round.
 
@@ -266,7 +266,7 @@ class Peaks:
     source: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_peaks(backend: str) -> Peaks:
     """Measure copy bandwidth and dense matmul rate on this device, once per process.
 
@@ -316,6 +316,7 @@ def derived_metrics(samples_s: Sequence[float], flops: float | None, nbytes: flo
     if nbytes:
         out["gbps"] = [nbytes / t / 1e9 for t in samples_s]
     if peaks is not None and (flops or nbytes):
-        bound = max((flops or 0) / (peaks.tflops * 1e12), (nbytes or 0) / (peaks.bandwidth_gbps * 1e9))
+        bound = max((flops or 0) / (peaks.tflops * 1e12),
+                    (nbytes or 0) / (peaks.bandwidth_gbps * 1e9))
         out["roofline_pct"] = [100.0 * bound / t for t in samples_s]
     return out

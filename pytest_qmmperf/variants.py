@@ -153,7 +153,8 @@ def get_variant(name: str) -> Variant:
     with _lock:
         family = _families.get(prefix)
     if family is None or ":" not in name:
-        raise VariantError(f"unknown variant {name!r}; known variants: {', '.join(variant_names())}")
+        known = ", ".join(variant_names())
+        raise VariantError(f"unknown variant {name!r}; known variants: {known}")
     built = family.parse(name)  # raises VariantError with the family's own wording
     with _lock:
         # Another thread may have built it meanwhile: keep the first, so one

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FAST
+
 from pytest_qmmperf.variants import variant_names
 
 SUITE = """
@@ -82,7 +82,8 @@ def test_the_fixture_exposes_the_result(pytester):
         ("qmm_bench.qmm(4, 64, 64, dtype='fp8')", "qmm_bench.qmm: dtype='fp8': accepted dtypes*"),
         ("qmm_bench.qmm(4, 64, 64, variant='nope')",
          "qmm_bench.qmm: unknown variant 'nope'; known variants: mlx, dequant, hybrid*"),
-        ("qmm_bench(lambda: 3)", "qmm_bench(fn): *<lambda> returned int; expected an mlx.core.array*"),
+        ("qmm_bench(lambda: 3)",
+         "qmm_bench(fn): *<lambda> returned int; expected an mlx.core.array*"),
         ("qmm_bench(42)", "qmm_bench(fn): fn=42 is not callable*"),
         ("qmm_bench(lambda: mx.zeros((2,)), flops=-1)",
          "qmm_bench(fn): flops=-1: expected a positive number or None"),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import statistics
+
 import mlx.core as mx
 import pytest
 

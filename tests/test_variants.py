@@ -69,7 +69,8 @@ def test_bad_names_are_refused(bad):
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(VariantError) as info:
         get_variant("nope")
-    assert str(info.value).startswith("unknown variant 'nope'; known variants: mlx, dequant, hybrid")
+    assert str(info.value).startswith(
+        "unknown variant 'nope'; known variants: mlx, dequant, hybrid")
 
 
 def test_families_resolve_once_and_cache(cleanup):

@@ -199,7 +199,8 @@ def check_output(spec: QmmSpec, inputs: QmmInputs, out: Any, variant: str) -> fl
     if not math.isfinite(err) or err > tol:
         raise AssertionError(
             f"variant {variant!r} is wrong for {spec.label()}: relative error {err:.3g} "
-            f"exceeds {tol:.3g} (the {spec.dtype} tolerance at K={spec.K} against the float32 reference)"
+            f"exceeds {tol:.3g} (the {spec.dtype} tolerance at K={spec.K} against the float32 "
+            "reference)"
         )
     return err
 

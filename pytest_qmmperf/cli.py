@@ -12,7 +12,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import git
 
 
 def _cmd_hardware(args: argparse.Namespace) -> int:
@@ -81,7 +84,7 @@ def _pytest(args: Sequence[str], quiet: bool = False) -> int:
     return done.returncode
 
 
-def _baseline_place(args: argparse.Namespace) -> tuple[object | None, Path]:
+def _baseline_place(args: argparse.Namespace) -> tuple[git.Repo | None, Path]:
     """The git repository (or None) and the baseline folder the command works on.
 
     ``--dir`` wins; else ``qmm_baseline_dir`` from the repository's

@@ -149,7 +149,7 @@ def terminal_table(results: Iterable[BenchResult], fingerprint: dict[str, Any],
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     lines.extend("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                  for row in rows)
-    sources = {r.info.get("roofline_source") for r in results} - {None}
+    sources = {s for r in results if (s := r.info.get("roofline_source")) is not None}
     for source in sorted(sources):
         lines.append(f"roofline peaks: {source}")
     lines.append("± is half the interquartile range of the samples, relative to the median")

@@ -70,7 +70,7 @@ class Summary:
         return self.iqr / self.median if self.median else math.nan
 
 
-def _array(samples: Sequence[float], what: str = "samples") -> np.ndarray:
+def _array(samples: Sequence[float] | np.ndarray, what: str = "samples") -> np.ndarray:
     values = np.asarray(list(samples), dtype=float)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"{what}: need at least one value, got {len(values)}")
@@ -216,7 +216,9 @@ class Change:
 
 
 def shift_interval(
-    baseline: Sequence[float], current: Sequence[float], confidence: float = DEFAULT_CONFIDENCE
+    baseline: Sequence[float] | np.ndarray,
+    current: Sequence[float] | np.ndarray,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> tuple[float, float]:
     """Hodges-Lehmann / Moses confidence interval for the shift of ``current`` over ``baseline``.
 

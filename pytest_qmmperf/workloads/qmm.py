@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -173,8 +173,9 @@ def relative_error(out: mx.array, ref: mx.array) -> float:
     import mlx.core as mx
 
     diff = out.astype(mx.float32) - ref
-    num = mx.sqrt(mx.sum(diff * diff)).item()
-    den = mx.sqrt(mx.sum(ref * ref)).item()
+    # A real float32 reduction: .item() yields a float, never a complex.
+    num = cast(float, mx.sqrt(mx.sum(diff * diff)).item())
+    den = cast(float, mx.sqrt(mx.sum(ref * ref)).item())
     return float(num / den) if den > 0 else float(num)
 
 

@@ -126,15 +126,14 @@ class Interrupted(KeyboardInterrupt):
 
 def open_repo(path: str | os.PathLike[str] = ".") -> Any:
     """The git repository containing ``path`` (GitPython ``Repo``)."""
-    import git
+    from pytest_qmmperf import revision
 
     try:
-        return git.Repo(path, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise CompareError(
-            f"{os.path.abspath(path)} is not inside a git repository: compare checks the base "
-            "revision out of the repository's history"
-        ) from None
+        return revision.open_repo(
+            os.path.abspath(path),
+            why="compare checks the base revision out of the repository's history")
+    except revision.RevisionError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def resolve_base(repo: Any, rev: str) -> Any:

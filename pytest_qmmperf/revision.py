@@ -60,15 +60,17 @@ class Revision:
         }
 
 
-def open_repo(path: str | os.PathLike[str]) -> git.Repo:
-    """The git repository containing ``path`` (searching parent folders)."""
+def open_repo(path: str | os.PathLike[str],
+              why: str = "baselines are keyed by commit, so run from a git checkout (or "
+                         "`git init` and commit first)") -> git.Repo:
+    """The git repository containing ``path`` (searching parent folders).
+
+    ``why`` ends the error message: what the caller needed the history for.
+    """
     try:
         return git.Repo(path, search_parent_directories=True)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise RevisionError(
-            f"{path}: not inside a git repository; baselines are keyed by commit, so run "
-            "from a git checkout (or `git init` and commit first)"
-        ) from None
+        raise RevisionError(f"{path}: not inside a git repository; {why}") from None
 
 
 def _revision(commit: git.Commit, *, detached: bool = False, branch: str | None = None) -> Revision:

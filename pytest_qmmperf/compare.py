@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -671,22 +670,11 @@ class Outcome:
             "base_results": results(self.base),
         }
         doc["exit_status"] = self.exit_status
-        return _finite(doc)
+        return report.finite(doc)
 
 
 def _runs(n: int) -> str:
     return f"{n} pytest run{'s' if n != 1 else ''}"
-
-
-def _finite(o: Any) -> Any:
-    """``o`` with NaN and infinities as ``None`` (JSON has neither)."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 def build_report(config: CompareConfig, base: SideResults, head: SideResults,

@@ -278,16 +278,17 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def finite(o: Any) -> Any:
+    """``o`` with NaN and infinities as ``None`` (JSON has neither)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o
+
+
 def write_json(report: Report, path: Path) -> None:
     """Write the ``--qmm-json`` document (NaN becomes null: JSON has no NaN)."""
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    write_text(path, json.dumps(clean(as_json(report)), indent=1, default=str) + "\n")
+    write_text(path, json.dumps(finite(as_json(report)), indent=1, default=str) + "\n")

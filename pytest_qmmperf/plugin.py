@@ -36,7 +36,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "qmm_threshold(**metrics): per-test regression tolerances, e.g. "
         "@pytest.mark.qmm_threshold(ttft_s='3%')",
     )
-    state = QmmSession(config, _options.resolve(config))
+    options = _options.resolve(config)
+    if options.enabled:
+        # Timing needs MLX: say which extra to install before anything runs.
+        from pytest_qmmperf.hardware import BackendError, import_mlx
+
+        try:
+            import_mlx()
+        except BackendError as exc:
+            raise pytest.UsageError(f"--qmm-bench: {exc}") from None
+    state = QmmSession(config, options)
     config.stash[session_key] = state
     from pytest_qmmperf import variants
 

@@ -205,3 +205,26 @@ def test_ini_options_are_read(pytester):
             assert result.info["rounds"] == 40  # the budget allows fewer; the minimum wins
     """)
     pytester.runpytest("--qmm-bench", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("mode", ["check", "bench"])
+def test_mlx_without_a_backend_names_the_extra_to_install(pytester, mode):
+    # What a Linux `pip install mlx` without an extra looks like: the import fails.
+    pytester.makeconftest("""
+        import sys
+        sys.modules["mlx"] = None
+        sys.modules["mlx.core"] = None
+    """)
+    pytester.makepyfile("def test_it(qmm_bench):\n    qmm_bench.qmm(2, 64, 64)\n")
+    args = FAST if mode == "bench" else ("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(*args)
+    if mode == "bench":  # refused before anything runs
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        text = result.stderr.str()
+    else:  # check mode: the test fails, with the same line
+        result.assert_outcomes(failed=1)
+        text = result.stdout.str()
+    assert ('MLX has no usable backend here (import of mlx.core halted; None in sys.modules); '
+            'install one: pip install "pytest-qmmperf[cpu]" (CPU backend) or '
+            '"pytest-qmmperf[cuda]" (NVIDIA CUDA backend)') in text
+    assert "Traceback" not in text

@@ -26,6 +26,7 @@ class Options:
     save_baseline: bool
     allow_dirty: bool
     gate_virtual: bool
+    gate_host_bound: bool
     json_path: Path | None
     markdown_path: Path | None
     precision: float | None
@@ -55,6 +56,9 @@ def add_options(parser: pytest.Parser) -> None:
                          "changes")
     group.addoption("--qmm-gate-virtual", action="store_true", default=None,
                     help="fail on timing regressions even on a virtual GPU")
+    group.addoption("--qmm-gate-host-bound", action="store_true", default=None,
+                    help="fail on timing regressions even where dispatching a round took as long "
+                         "as running it (the sample then measures the host)")
     group.addoption("--qmm-json", metavar="PATH", default=None,
                     help="write results, the baseline used and verdicts as JSON")
     group.addoption("--qmm-markdown", metavar="PATH", default=None,
@@ -143,6 +147,7 @@ def resolve(config: pytest.Config) -> Options:
         save_baseline=bool(config.getoption("qmm_save_baseline")),
         allow_dirty=bool(config.getoption("qmm_allow_dirty")),
         gate_virtual=bool(config.getoption("qmm_gate_virtual")),
+        gate_host_bound=bool(config.getoption("qmm_gate_host_bound")),
         json_path=path("qmm_json"),
         markdown_path=path("qmm_markdown"),
         precision=parse_percent(precision, names["qmm_precision"])

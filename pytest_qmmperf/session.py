@@ -316,6 +316,11 @@ class QmmSession:
         enforce, why = True, ""
         if state.fingerprint.get("virtual") and not self.options.gate_virtual:
             enforce, why = False, "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)"
+        elif result.info.get("host_bound") and not self.options.gate_host_bound:
+            enforce, why = False, (
+                f"host-bound: dispatch took {100 * result.info['host_fraction']:.0f}% of each "
+                "round, so time_s measures the host; timing reported, not enforced "
+                "(--qmm-gate-host-bound)")
         elif found is not None and (reason := gate.unsteady(before, after)):
             enforce, why = False, reason
         verdicts = gate.judge(

@@ -38,6 +38,9 @@ from typing import Any
 #: A launch: given a running index, build (lazily) one unit of work.
 Launch = Callable[[int], Sequence[Any]]
 
+#: Host share of a round above which a benchmark counts as host-bound.
+HOST_BOUND_FRACTION = 0.8
+
 Z95 = 1.959964
 #: Standard error of a sample median is about sqrt(pi/2) = 1.2533 times the
 #: standard error of the mean for near-normal data.
@@ -166,6 +169,8 @@ class RoundTimer:
     pilot_cv: float = math.nan
     samples_s: list[float] = field(default_factory=list)
     round_times_s: list[float] = field(default_factory=list)
+    #: Host time per recorded round: building the lazy graph and dispatching it.
+    host_times_s: list[float] = field(default_factory=list)
     _counter: int = 0
     _pending: list[Any] | None = None
     _last_done: float = 0.0
@@ -215,8 +220,10 @@ class RoundTimer:
         """Queue the next round, wait for the previous one; return its per-launch time."""
         import mlx.core as mx
 
+        start = time.perf_counter()
         queued = self._build(self.launches)
         mx.async_eval(queued)
+        host = time.perf_counter() - start
         mx.eval(self._pending)
         done = time.perf_counter()
         per_launch = (done - self._last_done) / self.launches
@@ -225,7 +232,19 @@ class RoundTimer:
         if record:
             self.round_times_s.append(per_launch * self.launches)
             self.samples_s.append(per_launch)
+            self.host_times_s.append(host)
         return per_launch
+
+    def host_fraction(self) -> float:
+        """Median host time per round over the median round: near 1, the host is the limit.
+
+        When building and dispatching a round takes as long as running it,
+        the device waits for the host, and a sample measures the host's
+        dispatch rate (which varies between processes), not the kernel.
+        """
+        if not self.host_times_s:
+            return math.nan
+        return statistics.median(self.host_times_s) / statistics.median(self.round_times_s)
 
     def drain(self) -> None:
         """Wait for the round still queued (untimed) and empty the pipeline."""
@@ -250,6 +269,8 @@ class RoundTimer:
             "launches_per_round": self.launches,
             "rounds": len(self.samples_s),
             "timing": "pipelined",
+            "host_fraction": self.host_fraction(),
+            "host_bound": self.host_fraction() > HOST_BOUND_FRACTION,
             "single_eval_s": self.single_eval_s,
             "eval_overhead_s": self.overhead_s,
             "pilot_cv": self.pilot_cv,

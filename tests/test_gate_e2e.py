@@ -394,3 +394,35 @@ def test_a_repository_without_commits_reports_no_baseline_and_passes(pytester):
                                 "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*no commits yet, so there is no baseline*"])
+
+
+HOST_BOUND = """
+import time
+import mlx.core as mx
+
+X = mx.ones((8,))
+mx.eval(X)
+
+def test_matmul(qmm_bench):
+    def dispatch_heavy():
+        time.sleep(0.0005 * {reps})  # host work per launch dwarfs the device work
+        return X + 1, mx.full((1 << 20,), 1.0)
+    qmm_bench(dispatch_heavy)
+"""
+
+
+def test_host_bound_timing_is_reported_not_enforced(repo: Repo) -> None:
+    (repo.root / "test_suite.py").write_text(HOST_BOUND.format(reps=1))
+    repo.commit("host-bound suite")
+    a = record(repo)
+    (repo.root / "test_suite.py").write_text(HOST_BOUND.format(reps=4))
+    repo.commit("four times the host work")
+    result = repo.run("--qmm-json=h.json.out")
+    result.assert_outcomes(passed=1)
+    report = json.loads((repo.root / "h.json.out").read_text())
+    [time_v] = [v for v in report["verdicts"] if v["metric"] == "time_s"]
+    assert time_v["status"] == "regression" and not time_v["enforced"]
+    assert time_v["note"].startswith("host-bound: dispatch took")
+    strict = repo.run("--qmm-gate-host-bound")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines([f"time_s regression: * at {a[:10]} -> *"])

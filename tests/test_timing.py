@@ -106,3 +106,28 @@ def test_overhead_is_subtracted_but_never_more_than_half_a_round():
 def test_policy_overrides_ignore_none():
     p = TimingPolicy.for_backend("cpu", precision=None, budget_s=1.5)
     assert p.budget_s == 1.5 and p.precision == TimingPolicy.for_backend("cpu").precision
+
+
+def test_host_fraction_tells_host_bound_from_device_bound():
+    import time
+
+    x = mx.ones((8,))
+    big = [mx.random.normal((256, 256)) for _ in range(2)]
+    mx.eval(x, *big)
+
+    def host_heavy(i):
+        time.sleep(0.001)  # building the launch costs far more than running it
+        return [x + i]
+
+    def device_heavy(i):
+        return [big[i % 2] @ big[(i + 1) % 2] @ big[i % 2]]
+
+    policy = TimingPolicy.for_backend("cpu", budget_s=0.05, min_rounds=5)
+    fractions = {}
+    for name, launch in (("host", host_heavy), ("device", device_heavy)):
+        timer = RoundTimer(launch, policy)
+        timer.prepare()
+        timer.run()
+        fractions[name] = timer.host_fraction()
+        assert timer.info()["host_bound"] == (fractions[name] > 0.8)
+    assert fractions["host"] > 0.8 > fractions["device"]

@@ -42,21 +42,8 @@ struct __half {
 struct __nv_bfloat16 {
   uint16_t bits;
   __nv_bfloat16() = default;
-  __nv_bfloat16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) {
-      bits = static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
-    } else {
-      bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-  }
-  operator float() const {
-    uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  __nv_bfloat16(float f) : bits(qmm_emu::float_to_bf16_bits(f)) {}
+  operator float() const { return qmm_emu::bf16_bits_to_float(bits); }
 };
 
 inline float __half2float(__half h) { return static_cast<float>(h); }

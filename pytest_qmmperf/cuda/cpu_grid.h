@@ -22,6 +22,23 @@
 
 namespace qmm_emu {
 
+// bfloat16 as both emulations store it: round to nearest even, NaN kept quiet.
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) {
+    return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  }
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 struct Warp {
   explicit Warp(int n) : bar(n) {}
   std::barrier<> bar;

@@ -32,21 +32,8 @@ typedef _Float16 half;
 struct bfloat {
   uint16_t bits;
   bfloat() = default;
-  bfloat(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) {
-      bits = static_cast<uint16_t>((u >> 16) | 0x40u);
-    } else {
-      bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-  }
-  operator float() const {
-    uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  bfloat(float f) : bits(qmm_emu::float_to_bf16_bits(f)) {}
+  operator float() const { return qmm_emu::bf16_bits_to_float(bits); }
 };
 
 namespace metal {

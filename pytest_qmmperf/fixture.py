@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 #: cache effect it removes.
 MAX_INPUT_SETS = 128
 
+#: Part of every timed benchmark's parameters, so a baseline recorded with
+#: another timing method is "not comparable" rather than compared: launches
+#: run one after another (before, MLX's CUDA graphs could overlap them).
+TIMING_METHOD = "serial"
+
 _OOM_WORDS = ("out of memory", "unable to allocate", "failed to allocate", "[malloc]",
               "cudaerrormemoryallocation", "insufficient memory")
 
@@ -77,7 +82,7 @@ class QmmBench:
             _fail(f"qmm_bench.qmm: {exc}")
         kernel = self._variant(variant, spec)
         mx = self._mx()
-        params = {**spec.params(), "variant": variant}
+        params = {**spec.params(), "variant": variant, "timing": TIMING_METHOD}
 
         with self._device_errors(f"{variant} {spec.label()}"):
             first = make_inputs(spec, seed=0)
@@ -131,7 +136,7 @@ class QmmBench:
             samples["peak_memory_gb"] = [self._working_set_gb(lambda _i: timing.outputs(fn()), 0)]
             if flops or bytes:
                 info["roofline_source"] = self._session.peaks().source
-        params = {"fn": label, "flops": flops, "bytes": bytes}
+        params = {"fn": label, "flops": flops, "bytes": bytes, "timing": TIMING_METHOD}
         return self._finish("callable", params, samples, info)
 
     def prefill(self, model: str, *, prompt_tokens: int, gen_tokens: int, bits: int = 4,

@@ -42,9 +42,14 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_qmmperf.hardware import BackendError, import_mlx
 
         try:
-            import_mlx()
+            mx = import_mlx()
         except BackendError as exc:
             raise pytest.UsageError(f"--qmm-bench: {exc}") from None
+        # Launches must run one after another; see pytest_qmmperf.timing.
+        from pytest_qmmperf.hardware import backend_name
+        from pytest_qmmperf.timing import prefer_stream_order
+
+        prefer_stream_order(backend_name(mx))
     state = QmmSession(config, options)
     config.stash[session_key] = state
     from pytest_qmmperf import variants

@@ -23,12 +23,28 @@ budget.  The first launch JIT-compiles kernels: it is reported as
 launches as fast as the device runs them (kernels of a few microseconds),
 a sample is the host's dispatch time instead; ``single_eval_s`` in the info
 is one launch per evaluation, for comparison.
+
+**Launches run one after another.**  The launches of a round have no data
+dependency on each other, and a backend free to run them concurrently
+would time how many fit on the device side by side, not how long one
+takes.  MLX's CUDA backend does exactly that inside its CUDA graphs: on an
+H100, CUPTI showed 80-92% of the kernel time of small QMMs overlapping
+other launches of the same round, and the per-launch time read 4.5x below
+the kernel's own duration (docs/PERFORMANCE.md, section 2).  So on CUDA the
+plugin turns graphs off for benchmark sessions (``MLX_USE_CUDA_GRAPHS=0``
+unless the user set it; the stream then keeps launch order), and wherever
+launches could overlap (Metal's concurrent encoders, CUDA with graphs on)
+every launch is dispatched on its own (``dispatch_each``), which orders
+them at the price of a higher host cost per launch.  With graphs off, the
+H100 medians agree with CUPTI's kernel durations within 1-2% for kernels
+from ~30 us up.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +80,10 @@ class TimingPolicy:
     round_s: float = 0.002
     max_launches: int = 512
     rotate_bytes: int = 256 << 20
+    #: Dispatch every launch on its own (one ``mx.async_eval`` each), for
+    #: backends that would otherwise run independent launches concurrently
+    #: (:func:`overlaps_independent_launches`).
+    dispatch_each: bool = False
 
     @classmethod
     def for_backend(cls, backend: str, **overrides: Any) -> TimingPolicy:
@@ -72,8 +92,58 @@ class TimingPolicy:
             base = cls(precision=0.01, min_rounds=7, budget_s=2.0, warmup_s=0.02,
                        round_s=0.004, max_launches=64, rotate_bytes=64 << 20)
         else:
-            base = cls()
+            base = cls(dispatch_each=overlaps_independent_launches(backend))
         return cls(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether MLX's CUDA backend records work into CUDA graphs (``MLX_USE_CUDA_GRAPHS``).
+
+    MLX reads the variable once, when it first encodes GPU work; it parses it
+    as an integer and uses graphs unless it is 0.
+    """
+    value = os.environ.get("MLX_USE_CUDA_GRAPHS")
+    try:
+        return value is None or int(value) != 0
+    except ValueError:
+        return True
+
+
+def overlaps_independent_launches(backend: str) -> bool:
+    """Whether one evaluation may run launches with no data dependency concurrently.
+
+    MLX's CUDA backend records an evaluation into CUDA graphs of up to ~100
+    kernels whose only edges are data dependencies, so the GPU runs
+    independent launches side by side; Metal's backend encodes into
+    concurrent compute encoders with barriers only between dependent
+    kernels.  Without graphs the CUDA backend launches onto one stream, and
+    the CPU backend runs one operation at a time: both keep launch order.
+    """
+    if backend == "cpu":
+        return False
+    if backend == "cuda":
+        return cuda_graphs_enabled()
+    return True
+
+
+def prefer_stream_order(backend: str) -> None:
+    """On CUDA, have MLX launch onto its stream without graphs, unless the user chose.
+
+    Call before MLX first encodes GPU work (it reads ``MLX_USE_CUDA_GRAPHS``
+    once, then); a value already set is kept, and timing then dispatches
+    every launch on its own.
+    """
+    if backend == "cuda":
+        os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
+
+
+def launch_order(policy: TimingPolicy, backend: str) -> str:
+    """How a round's launches reach the device, for reports."""
+    if policy.dispatch_each:
+        return "one dispatch per launch"
+    if backend == "cuda":
+        return "one stream, no CUDA graphs"
+    return "in order"
 
 
 def synchronize() -> None:
@@ -176,9 +246,14 @@ class RoundTimer:
     _last_done: float = 0.0
 
     def _build(self, count: int) -> list[Any]:
+        import mlx.core as mx
+
         arrays: list[Any] = []
         for _ in range(count):
-            arrays.extend(outputs(self.launch(self._counter)))
+            out = outputs(self.launch(self._counter))
+            if self.policy.dispatch_each:
+                mx.async_eval(out)
+            arrays.extend(out)
             self._counter += 1
         return arrays
 
@@ -269,6 +344,7 @@ class RoundTimer:
             "launches_per_round": self.launches,
             "rounds": len(self.samples_s),
             "timing": "pipelined",
+            "dispatch_each": self.policy.dispatch_each,
             "host_fraction": self.host_fraction(),
             "host_bound": self.host_fraction() > HOST_BOUND_FRACTION,
             "single_eval_s": self.single_eval_s,

@@ -59,6 +59,8 @@ def test_bench_mode_times_reports_and_feeds_pytest_benchmark(pytester):
 
 def test_the_fixture_exposes_the_result(pytester):
     pytester.makepyfile("""
+        import os
+
         def test_it(qmm_bench):
             result = qmm_bench.qmm(3, 64, 64, dtype="float32")
             assert qmm_bench.enabled
@@ -68,6 +70,12 @@ def test_the_fixture_exposes_the_result(pytester):
             assert set(result.samples) >= {"time_s", "tflops", "gbps", "roofline_pct",
                                            "peak_memory_gb", "cold_start_s"}
             assert result.info["relative_error"] < 1e-5
+            # launches run in order on the CPU backend: no per-launch dispatch,
+            # and the timing method is part of what a baseline must match
+            assert result.params["timing"] == "serial"
+            assert result.info["dispatch_each"] is False
+            # CUDA graphs are only turned off where MLX runs on CUDA
+            assert "MLX_USE_CUDA_GRAPHS" not in os.environ
     """)
     pytester.runpytest(*FAST).assert_outcomes(passed=1)
 

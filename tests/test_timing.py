@@ -10,8 +10,11 @@ from pytest_qmmperf.timing import (
     Peaks,
     RoundTimer,
     TimingPolicy,
+    cuda_graphs_enabled,
     derived_metrics,
+    launch_order,
     outputs,
+    overlaps_independent_launches,
     robust_cv,
     rounds_for_precision,
 )
@@ -131,3 +134,53 @@ def test_host_fraction_tells_host_bound_from_device_bound():
         fractions[name] = timer.host_fraction()
         assert timer.info()["host_bound"] == (fractions[name] > 0.8)
     assert fractions["host"] > 0.8 > fractions["device"]
+
+
+@pytest.mark.parametrize(("value", "enabled"), [
+    (None, True), ("1", True), ("0", False), (" 0", False), ("2", True), ("yes", True),
+])
+def test_cuda_graphs_follow_mlx_parsing_of_the_variable(monkeypatch, value, enabled):
+    # MLX parses MLX_USE_CUDA_GRAPHS as an integer; graphs stay on unless it is 0.
+    if value is None:
+        monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", value)
+    assert cuda_graphs_enabled() is enabled
+
+
+def test_only_backends_that_overlap_launches_dispatch_each(monkeypatch):
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
+    assert overlaps_independent_launches("cuda") and overlaps_independent_launches("metal")
+    assert not overlaps_independent_launches("cpu")
+    assert TimingPolicy.for_backend("cuda").dispatch_each
+    assert TimingPolicy.for_backend("metal").dispatch_each
+    assert not TimingPolicy.for_backend("cpu").dispatch_each
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    policy = TimingPolicy.for_backend("cuda")
+    assert not policy.dispatch_each
+    assert launch_order(policy, "cuda") == "one stream, no CUDA graphs"
+    assert launch_order(TimingPolicy.for_backend("metal"), "metal") == "one dispatch per launch"
+
+
+def test_dispatch_each_queues_every_launch_on_its_own(monkeypatch):
+    sets = [mx.random.normal((64, 64)) for _ in range(2)]
+    mx.eval(sets)
+    calls: list[int] = []
+    real = mx.async_eval
+
+    def counting_async_eval(*arrays):
+        calls.append(len(arrays[0]) if len(arrays) == 1 and isinstance(arrays[0], list)
+                     else len(arrays))
+        return real(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", counting_async_eval)
+    policy = TimingPolicy.for_backend("cpu", budget_s=0.02, min_rounds=3, dispatch_each=True)
+    timer = RoundTimer(lambda i: [sets[i % 2] @ sets[(i + 1) % 2]], policy)
+    timer.launches = 4
+    timer.resume()
+    calls.clear()
+    timer.step()
+    # four single-launch dispatches, then the round as a whole (already queued)
+    assert calls == [1, 1, 1, 1, 4]
+    timer.drain()
+    assert timer.info()["dispatch_each"] is True

@@ -15,6 +15,11 @@ per-run medians.  For comparison the same runs also give the *naive* figure
 mlx-lm's ``stream_generate`` would print: the first measured round only,
 and generation as ``gen_tokens / time`` of one decode pass.
 
+On CUDA, processes run with ``MLX_USE_CUDA_GRAPHS=0`` unless it is set, as
+benchmark sessions of the plugin do (pytest_qmmperf.timing explains why);
+``MLX_USE_CUDA_GRAPHS=1 python benchmarks/gpu_prefill.py ...`` measures with
+graphs.
+
 Kernel caches: MLX's CUDA backend keeps compiled kernels on disk
 (``MLX_PTX_CACHE_DIR``, by default /tmp/mlx/<version>/ptx), and the driver
 its own (``CUDA_CACHE_PATH``), so only the first process ever pays for all the
@@ -62,8 +67,13 @@ def spread_pct(values: list[float]) -> float:
 
 
 def child(args: argparse.Namespace) -> int:
-    from pytest_qmmperf.hardware import fingerprint
+    import mlx.core as mx
+
+    from pytest_qmmperf.hardware import backend_name, fingerprint
+    from pytest_qmmperf.timing import prefer_stream_order
     from pytest_qmmperf.workloads.prefill import PrefillRunner, PrefillSpec
+
+    prefer_stream_order(backend_name(mx))  # as the plugin does in benchmark sessions
 
     start = time.perf_counter()
     cache = os.environ.get("MLX_PTX_CACHE_DIR")
@@ -99,6 +109,7 @@ def child(args: argparse.Namespace) -> int:
         "naive": naive,
         "cold_start_s": cold,
         "kernel_cache_empty": cache_empty,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
         "check_relative_error": runner.check_error,
         "timings": timings,
         "info": runner.info(),

@@ -16,8 +16,10 @@ variant registry the pytest plugin uses.
 2. Time: for each projection and M in {1, 16, 128, 512, 2048, 8192}: ``mlx``,
    ``dequant`` and the tiled variants; 32 launches queued per ``mx.eval``
    over distinct input sets rotated (together larger than the L2 cache),
-   synchronised, median over rounds.  Also a trivial kernel queued the same
-   way (the launch cost) and the device's copy bandwidth and fp16 GEMM rate.
+   synchronised, median over rounds.  On CUDA, without CUDA graphs (unless
+   ``MLX_USE_CUDA_GRAPHS`` is set), so launches run one after another.
+   Also a trivial kernel queued the same way (the launch cost) and the
+   device's copy bandwidth and fp16 GEMM rate.
    Each time is compared with the floor ``max(bytes / 2.55 TB/s, FLOPs /
    660 TFLOP/s)`` (the H100 ceilings measured for this project; the run's
    own measured ceilings are in the JSON too).
@@ -398,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx.core as mx
 
+    from pytest_qmmperf.hardware import backend_name
     from pytest_qmmperf.tiled import PRESETS, backend
+    from pytest_qmmperf.timing import prefer_stream_order
+
+    # Queued launches must run one after another, as in the plugin's timing.
+    prefer_stream_order(backend_name(mx))
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "gpu_kernels.log")

@@ -313,8 +313,13 @@ def run_sweep(
     lengths), :class:`SweepError` (bad variants) or
     :class:`~pytest_qmmperf.workloads.prefill.PrefillUnavailable`.
     """
+    from pytest_qmmperf.hardware import backend_name, import_mlx
+    from pytest_qmmperf.timing import prefer_stream_order
     from pytest_qmmperf.workloads.prefill import PrefillRunner, PrefillSpec
 
+    # Measure as benchmark sessions do (no CUDA graphs unless the user set them),
+    # so a sweep's rows and a gated prefill's numbers agree.
+    prefer_stream_order(backend_name(import_mlx()))
     names = parse_variants(variants)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise SweepError(f"rounds={rounds!r}: must be a positive integer")

@@ -669,6 +669,12 @@ class PrefillRunner:
             info["decode_step_ms_median"] = round(1e3 * _median(self._decode_step_s), 4)
         if hasattr(self, "check_error"):
             info["check_relative_error"] = self.check_error
+        from pytest_qmmperf.hardware import backend_name, import_mlx
+        from pytest_qmmperf.timing import cuda_graphs_enabled
+
+        if backend_name(import_mlx()) == "cuda":
+            # Benchmark sessions turn graphs off (pytest_qmmperf.timing); say which ran.
+            info["cuda_graphs"] = cuda_graphs_enabled()
         return info
 
     # -- internals -------------------------------------------------------

@@ -112,6 +112,26 @@ def test_estimate_drift_applies_only_when_significant_and_same_mlx() -> None:
     assert gate.estimate_drift(None, busy) is None
 
 
+def test_drift_under_the_floor_is_reported_not_corrected() -> None:
+    # Identical spreadless samples, 4% and 6% slower: both changes are exact,
+    # so significant; only the one beyond a 5% floor is corrected for.
+    then = [1.0e-3] * 10
+    four = gate.estimate_drift(then, [1.04e-3] * 10, min_change=0.05)
+    assert four is not None and not four.applied
+    assert four.ratio == pytest.approx(1.04)
+    assert "under 5%, not corrected" in four.reason
+    assert gate.estimate_drift(then, [1.04e-3] * 10).applied  # no floor
+    six = gate.estimate_drift(then, [1.06e-3] * 10, min_change=0.05)
+    assert six is not None and six.applied
+    faster = gate.estimate_drift(then, [0.96e-3] * 10, min_change=0.05)
+    assert faster is not None and not faster.applied  # 1/0.96 = 4.2% faster: under 5%
+
+
+def test_drift_floor_is_zero_on_cpu_and_five_percent_on_gpus() -> None:
+    assert gate.drift_floor("cpu") == 0.0
+    assert gate.drift_floor("cuda") == gate.drift_floor("metal") == 0.05
+
+
 def test_correct_divides_times_multiplies_rates_leaves_memory() -> None:
     d = Drift(2.0, 1.9, 2.1, 1e-3, 2e-3, True, "")
     assert gate.correct("time_s", [4.0], d) == [2.0]

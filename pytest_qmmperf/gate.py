@@ -32,8 +32,8 @@ ratio and rate metrics multiplied by it before comparing, and every verdict
 says so.  The ratio is taken between the faster halves of the reference
 samples, so a passing spike in a few reference rounds does not count as a
 slower machine (see :func:`local_drift`).  On GPUs a reference change under
-5% is reported and not corrected (:func:`drift_floor`): the reference
-kernel's own speed moves that much between processes while the benchmarks
+10% is reported and not corrected (:func:`drift_floor`): the reference
+kernel's own speed moves up to ~8% between processes while the benchmarks
 do not.  Memory is never scaled.  No
 correction is made across MLX versions, since the reference workload runs
 on MLX too and an MLX slowdown is a regression to catch, not drift to
@@ -324,19 +324,22 @@ def reference_speed(samples: Sequence[float]) -> float:
 
 
 #: The smallest machine-speed change (a fraction) corrected for, by backend.  On
-#: a GPU the reference kernel's own speed moves up to ~4% between processes with
-#: nothing changed (measured on an H100: 3.0-4.2%, while the benchmarks it would
-#: have corrected did not move, and correcting by it failed 4 of 314 A/A timing
-#: verdicts); on the CPU, where contention slows every workload alike,
-#: correcting small changes too raised detection of a 5% slowdown from 76% to
-#: 87% at the same A/A rate (docs/PERFORMANCE.md, sections 4 and 7).
+#: a GPU the reference kernel's own speed moves between processes with nothing
+#: changed (measured on an H100 over 20 A/A runs: 0.92-1.04x, while the
+#: benchmarks it would have corrected did not move; correcting by it failed 5 of
+#: 519 enforced timing verdicts, none with a 10% floor).  Larger changes
+#: (throttling, contention) are still corrected.  On the CPU, where contention slows every
+#: workload alike, correcting small changes too raised detection of a 5%
+#: slowdown from 76% to 87% at the same A/A rate (docs/PERFORMANCE.md,
+#: sections 4 and 7).
 DRIFT_FLOOR = {"cpu": 0.0}
-DRIFT_FLOOR_GPU = 0.05
+DRIFT_FLOOR_GPU = 0.10
 
 
 def drift_floor(backend: str) -> float:
     """:data:`DRIFT_FLOOR` for ``backend`` (``cpu``, ``cuda``, ``metal``)."""
     return DRIFT_FLOOR.get(backend, DRIFT_FLOOR_GPU)
+
 
 #: Reference speed before and after one benchmark differing by more than this means the
 #: machine changed speed while the benchmark ran (measured: see benchmarks/gate_accuracy.py).

@@ -213,6 +213,10 @@ def test_interrupted_compare_leaves_nothing(repo: git.Repo, tmpdir_env: dict[str
          "--rounds-per-side", "1", "benchmarks", *FAST],
         cwd=repo.working_tree_dir, env=tmpdir_env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
+        # A job started in the background of a non-interactive shell inherits
+        # SIGINT ignored, and Python then installs no KeyboardInterrupt handler;
+        # give the command the disposition an interactive user's has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     tmp = Path(tmpdir_env["TMPDIR"])
     deadline = time.monotonic() + 60

@@ -387,7 +387,11 @@ def test_matmul(qmm_bench):
     qmm_bench(lambda: [x @ w for w in ws])
 '''
 
-FAST_ARGS = "benchmarks --qmm-time-budget 0.25 --qmm-min-rounds 7 -q -p no:cacheprovider"
+# The plumbing is under test here, not the gate's accuracy on a shared 2-core CPU
+# (docs/PERFORMANCE.md, section 4): a generous threshold keeps the unchanged head
+# from failing on noise, while tripled work (+200%) still regresses.
+FAST_ARGS = ("benchmarks --qmm-time-budget 0.25 --qmm-min-rounds 7 --qmm-threshold 50% -q "
+             "-p no:cacheprovider")
 
 
 @pytest.fixture

@@ -112,6 +112,22 @@ def test_estimate_drift_applies_only_when_significant_and_same_mlx() -> None:
     assert gate.estimate_drift(None, busy) is None
 
 
+def test_a_small_shift_with_a_wide_interval_is_not_a_regression() -> None:
+    base = [1.00] * 4 + [1.001] * 4
+    # Medians 1.0005 -> 1.02 (+1.95%): the rank interval excludes no change and,
+    # through the three slow rounds, reaches past 5%; but the change itself is
+    # under half the threshold.
+    small = [1.02] * 5 + [1.10] * 3
+    ch = stats.compare(base, small)
+    assert ch.significant_increase and ch.ci_high > 1.05 and ch.change < 0.025
+    [v] = gate.judge("t", {"time_s": small}, {"time_s": base})
+    assert v.status == "unchanged"
+    # +2.95%: at least half the threshold, so the same interval shape fails.
+    larger = [1.03] * 5 + [1.10] * 3
+    [v] = gate.judge("t", {"time_s": larger}, {"time_s": base})
+    assert v.status == "regression" and v.failed
+
+
 def test_drift_under_the_floor_is_reported_not_corrected() -> None:
     # Identical spreadless samples, 4% and 6% slower: both changes are exact,
     # so significant; only the one beyond a 5% floor is corrected for.

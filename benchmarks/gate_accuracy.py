@@ -27,6 +27,9 @@ What it measures, with real MLX work (CPU backend here):
     applies: correction from the reference around the benchmark, and timing
     not enforced when the reference before and after it differ by more than
     10% (:func:`pytest_qmmperf.gate.unsteady`);
+  - **qmmperf, drift corrected from 5%**: the same, but a reference change
+    under 5% is not corrected (GPUs use such a floor, at 10%:
+    :func:`pytest_qmmperf.gate.drift_floor`);
   - **qmmperf, no drift correction**: the same gate without either;
   - **median:5%**: pytest-benchmark's ``--benchmark-compare-fail=median:5%``
     rule, through its own ``parse_compare_fail`` (fail when the median grew

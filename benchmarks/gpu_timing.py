@@ -60,7 +60,7 @@ def _median_loop(launch, launches: int, rounds: int, start: int = 0) -> float:
     return statistics.median(times)
 
 
-def _cupti_profile(launch, launches: int, start: int, serial: bool) -> dict | None:
+def _cupti_profile(launch, launches: int, start: int, dispatch_each: bool) -> dict | None:
     """Device time per launch and concurrent share from CUPTI, or None without PyTorch."""
     try:
         import torch
@@ -73,7 +73,7 @@ def _cupti_profile(launch, launches: int, start: int, serial: bool) -> dict | No
         outs = []
         for i in range(launches):
             out = launch(start + i)
-            if serial:
+            if dispatch_each:
                 mx.async_eval(out)
             outs.extend(out)
         mx.eval(outs)

@@ -210,9 +210,8 @@ def new_baseline(
     ``local_reference`` the reference median measured around each result
     (by name), else the session's median stands in.
     """
-    # The median of the faster half, as gate.reference_speed takes it (not imported:
-    # the store does not depend on the gate).
-    ref_median = stats.summarize(stats.fast_half(reference)).median if reference else None
+    # The median of the faster half, as the gate takes a reference burst's speed.
+    ref_median = stats.fast_median(reference) if reference else None
     local = local_reference or {}
     entries = {r.name: entry_from_result(r, local.get(r.name, ref_median)) for r in results}
     return Baseline(

@@ -260,6 +260,7 @@ class QmmBench:
             timer.drain()
         info = timer.info()
         info["cold_start_s"] = timer.cold_start_s
+        info["launch_order"] = timing.launch_order(policy, self._session.backend())
         return {"time_s": list(timer.samples_s), "cold_start_s": [timer.cold_start_s]}, info
 
     def _working_set_gb(self, launch: timing.Launch, input_bytes: int) -> float:

@@ -39,16 +39,14 @@ def pytest_configure(config: pytest.Config) -> None:
     options = _options.resolve(config)
     if options.enabled:
         # Timing needs MLX: say which extra to install before anything runs.
-        from pytest_qmmperf.hardware import BackendError, import_mlx
+        from pytest_qmmperf.hardware import BackendError, backend_name, import_mlx
+        from pytest_qmmperf.timing import prefer_stream_order
 
         try:
             mx = import_mlx()
         except BackendError as exc:
             raise pytest.UsageError(f"--qmm-bench: {exc}") from None
         # Launches must run one after another; see pytest_qmmperf.timing.
-        from pytest_qmmperf.hardware import backend_name
-        from pytest_qmmperf.timing import prefer_stream_order
-
         prefer_stream_order(backend_name(mx))
     state = QmmSession(config, options)
     config.stash[session_key] = state

@@ -289,7 +289,7 @@ class QmmSession:
             entry.reference_s if entry is not None else None,
             current if current is not None else self.reference_samples,
             same_mlx=found.baseline.mlx_version == str(state.fingerprint.get("mlx_version")),
-            min_change=gate.drift_floor(str(state.fingerprint.get("backend"))),
+            min_change=gate.drift_floor(self.backend()),
         )
 
     def before_benchmark(self) -> None:

@@ -74,6 +74,7 @@ def test_the_fixture_exposes_the_result(pytester):
             # and the timing method is part of what a baseline must match
             assert result.params["timing"] == "serial"
             assert result.info["dispatch_each"] is False
+            assert result.info["launch_order"] == "in order"
             # CUDA graphs are only turned off where MLX runs on CUDA
             assert "MLX_USE_CUDA_GRAPHS" not in os.environ
     """)

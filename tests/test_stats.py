@@ -181,3 +181,9 @@ def test_fast_half() -> None:
     assert stats.fast_half([5.0, 1.0, 4.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert stats.fast_half([2.0, 1.0]) == [1.0]
     assert stats.fast_half([7.0]) == [7.0]
+
+
+def test_fast_median_is_the_median_of_the_faster_half():
+    # faster half of [5, 1, 3, 100, 2]: [1, 2, 3] -> 2; of [4, 1, 2, 3]: [1, 2] -> 1.5
+    assert stats.fast_median([5, 1, 3, 100, 2]) == 2
+    assert stats.fast_median([4, 1, 2, 3]) == 1.5

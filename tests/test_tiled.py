@@ -26,6 +26,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:32x32:wm2wn2:d0", TileConfig(32, 32, 32, 2, 2, decode_max_m=0)),
         ("tiled:decode", DecodeConfig(4, 4)),
         ("tiled:decode:r2w8", DecodeConfig(2, 8)),
+        ("tiled:decode:r2w8u4", DecodeConfig(2, 8, 4)),
+        ("tiled:decode:r2w8u1", DecodeConfig(2, 8, 1)),
     ],
 )
 def test_parse_name(name, expected):
@@ -41,6 +43,8 @@ def test_parse_name(name, expected):
         ("tiled:32x32:wm2wn2:d0", "tiled:32x32:wm2wn2:d0"),
         ("tiled:decode:r4w4", "tiled:decode"),
         ("tiled:decode:r2w8", "tiled:decode:r2w8"),
+        ("tiled:decode:r2w8u1", "tiled:decode:r2w8"),
+        ("tiled:decode:r1w4u8", "tiled:decode:r1w4u8"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -50,7 +54,7 @@ def test_canonical_names_round_trip(name, canonical):
 
 
 @pytest.mark.parametrize("name", ["tiled:", "tiled:160x32", "tiled:160x32:wm4", "tiled:axb:wm1wn1",
-                                  "tiled:decode:r4", "tiles:160x32:wm4wn1"])
+                                  "tiled:decode:r4", "tiled:decode:u2", "tiles:160x32:wm4wn1"])
 def test_unparsable_names_say_what_is_accepted(name):
     with pytest.raises(TileError) as info:
         parse_name(name)
@@ -77,6 +81,8 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:0x32:wm2wn2", "BM=0 must be a positive integer"),
         ("tiled:decode:r16w4", "rows=16 exceeds 8 rows per warp"),
         ("tiled:decode:r4w64", "2048 threads, over the 1024-thread threadgroup limit"),
+        ("tiled:decode:r4w4u4", "rows x vectors = 16 exceeds 8 16-byte vectors per lane"),
+        ("tiled:decode:r1w4u0", "vectors=0 must be a positive integer"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):

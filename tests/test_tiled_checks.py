@@ -28,7 +28,7 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, rel
 CONFIGS = [parse_name(n) for n in (
     *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
-    "tiled:32x64x128:wm2wn2",
+    "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4",
 )]
 
 
@@ -185,6 +185,11 @@ EMULATED.append((emu.EmulatedKernel(DecodeConfig(), 4, 32, "bfloat16", tokens=1)
                  QmmSpec(M=1, N=40, K=32, bits=4, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2), 8, 64, "float16", tokens=8),
                  QmmSpec(M=9, N=20, K=1088, bits=8, group_size=64)))
+# several vectors per lane and step, the last step only partly inside K
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 3), 8, 64, "float16", tokens=4),
+                 QmmSpec(M=3, N=20, K=1088, bits=8, group_size=64)))
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(1, 2, 5), 4, 32, "bfloat16", tokens=2),
+                 QmmSpec(M=2, N=9, K=2112, bits=4, group_size=32, dtype="bfloat16")))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))

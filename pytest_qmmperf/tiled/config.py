@@ -7,7 +7,7 @@ verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
 Names::
 
     tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
-    tiled:decode[:rRwW]                  the small-M kernel on its own, e.g. tiled:decode:r4w4
+    tiled:decode[:rRwW[uU]]              the small-M kernel on its own, e.g. tiled:decode:r2w4u4
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
@@ -45,6 +45,10 @@ DEFAULT_BK = 32
 DEFAULT_DECODE_MAX_M = 8
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
 DECODE_MAX_TOKENS = 8
+#: 16-byte weight vectors a decode lane holds per step (rows x vectors), double-buffered.
+MAX_DECODE_VECTORS = 8
+#: The decode kernel's (rows, warps, vectors) when not named: ``tiled:decode``.
+DECODE_DEFAULT = (4, 4, 1)
 
 #: Quantization settings the kernels implement (affine mode only).
 BITS = (4, 8)
@@ -65,20 +69,31 @@ def _positive(name: str, label: str, value: Any) -> None:
 class DecodeConfig:
     """The small-M kernel: each warp streams ``rows`` weight rows, ``warps`` warps a block.
 
-    Every lane reads one 16-byte weight vector per row per step, so a warp
-    has ``rows`` x 512 bytes in flight, and the whole K of a row is shared by
-    the 32 lanes of one warp (reduced with a SIMD sum).
+    Every lane reads ``vectors`` 16-byte weight vectors per row per step and
+    prefetches the next step's, so a warp has up to ``2 x rows x vectors x
+    512`` bytes in flight; the whole K of a row is shared by the 32 lanes of
+    one warp (reduced with a SIMD sum).  A matrix-vector product is bound by
+    how many bytes are in flight per SM, and with few rows (N) and a long K
+    only ``vectors`` raises that.
     """
 
-    rows: int = 4
-    warps: int = 4
+    rows: int = DECODE_DEFAULT[0]
+    warps: int = DECODE_DEFAULT[1]
+    vectors: int = DECODE_DEFAULT[2]
 
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "rows", self.rows)
         _positive(name, "warps", self.warps)
+        _positive(name, "vectors", self.vectors)
         if self.rows > 8:
             raise TileError(f"{name}: rows={self.rows} exceeds 8 rows per warp (register budget)")
+        if self.rows * self.vectors > MAX_DECODE_VECTORS:
+            raise TileError(
+                f"{name}: rows x vectors = {self.rows * self.vectors} exceeds "
+                f"{MAX_DECODE_VECTORS} 16-byte vectors per lane and step (register budget: "
+                "they are double-buffered)"
+            )
         if self.threads > MAX_THREADS:
             raise TileError(
                 f"{name}: {self.warps} warps make {self.threads} threads, over the "
@@ -95,12 +110,14 @@ class DecodeConfig:
 
     @property
     def name(self) -> str:
-        if (self.rows, self.warps) == (4, 4):
+        if (self.rows, self.warps, self.vectors) == DECODE_DEFAULT:
             return f"{FAMILY}:decode"
-        return f"{FAMILY}:decode:r{self.rows}w{self.warps}"
+        name = f"{FAMILY}:decode:r{self.rows}w{self.warps}"
+        return name + (f"u{self.vectors}" if self.vectors != 1 else "")
 
     def params(self) -> dict[str, Any]:
-        return {"kernel": "decode", "rows": self.rows, "warps": self.warps}
+        return {"kernel": "decode", "rows": self.rows, "warps": self.warps,
+                "vectors": self.vectors}
 
 
 @dataclass(frozen=True)
@@ -230,11 +247,11 @@ KernelConfig = TileConfig | DecodeConfig
 _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
 )
-_DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+))?$")
+_DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS]"
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS]]"
 )
 
 
@@ -258,7 +275,7 @@ def parse_name(name: str) -> KernelConfig:
     if m:
         if m["r"] is None:
             return DecodeConfig()
-        return DecodeConfig(rows=int(m["r"]), warps=int(m["w"]))
+        return DecodeConfig(rows=int(m["r"]), warps=int(m["w"]), vectors=int(m["u"] or 1))
     raise TileError(f"{name!r}: cannot parse the parameters; expected {GRAMMAR}")
 
 

@@ -228,31 +228,34 @@ $load
 """)
 
 _DECODE_LOAD = """\
-    $w[r] = qmm_zero4();
-    $s[r] = 0.0f;
-    $b[r] = 0.0f;
-    if (n0 + r < N && $k < K) {
+    $w[r][u] = qmm_zero4();
+    $s[r][u] = 0.0f;
+    $b[r][u] = 0.0f;
+    if (n0 + r < N && $k + u * SPAN < K) {
       const size_t row = size_t(n0 + r);
-      const size_t g = row * size_t(G) + size_t($k / GS);
-      $w[r] = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t($k / PACK)));
-      $s[r] = float(scales[g]);
-      $b[r] = float(biases[g]);
+      const size_t g = row * size_t(G) + size_t(($k + u * SPAN) / GS);
+      $w[r][u] = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)));
+      $s[r][u] = float(scales[g]);
+      $b[r][u] = float(biases[g]);
     }"""
 
 _DECODE_BODY = Template("""\
   // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
-  // lanes split K: each step a lane reads one 16-byte vector (V weights,
-  // all in one quantization group) of each of the R rows, dequantizes it
-  // and multiplies it with the matching V activations of every token; the
-  // lanes' partial sums meet in a SIMD sum at the end.
+  // lanes split K: each step a lane reads U 16-byte vectors (V weights
+  // each, all in one quantization group; vector u at u * SPAN past the
+  // lane's k, so the warp's reads stay contiguous) of each of the R rows,
+  // dequantizes them and multiplies them with the matching V activations of
+  // every token; the lanes' partial sums meet in a SIMD sum at the end.
   constexpr int R = $R;
   constexpr int NW = $NW;
+  constexpr int U = $U;
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   constexpr int V = 128 / BITS;
-  constexpr int STEP = $SIMD * V;
+  constexpr int SPAN = $SIMD * V;
+  constexpr int STEP = SPAN * U;
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
@@ -268,53 +271,65 @@ $prologue
     }
   }
 
-  // Software pipelined: the next step's weights are in flight while this
-  // step's are dequantized and multiplied.
-  uint4 wv[R];
-  float s[R];
-  float b[R];
+  // Software pipelined: the next step's R x U vectors are in flight while
+  // this step's are dequantized and multiplied.
+  uint4 wv[R][U];
+  float s[R][U];
+  float b[R][U];
   int k = int(lane) * V;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
 $loadw
+    }
   }
   for (; k < K; k += STEP) {
-    uint4 wn[R];
-    float sn[R];
-    float bn[R];
+    uint4 wn[R][U];
+    float sn[R][U];
+    float bn[R][U];
     const int kn = k + STEP;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
 $loadn
+      }
     }
 #pragma unroll
-    for (int c = 0; c < V / 8; ++c) {
-      float wf[R][8];
+    for (int u = 0; u < U; ++u) {
+      const int ku = k + u * SPAN;
+      if (U == 1 || ku < K) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < 8; ++v) {
-          const uint32_t word = qmm_word(wv[r], (c * 8 + v) / PACK);
-          const uint32_t q = (word >> (((c * 8 + v) % PACK) * BITS)) & MASK;
-          wf[r][v] = s[r] * qmm_q2f(q) + b[r];
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        if (m0 + m < M) {
-          const uint4 xv =
-              *((const ${dev}uint4*)(x + size_t(m0 + m) * size_t(K) + size_t(k + c * 8)));
-          float xf[8];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            xf[2 * e] = qmm_lo<T>(qmm_word(xv, e));
-            xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
-          }
+        for (int c = 0; c < V / 8; ++c) {
+          float wf[R][8];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
 #pragma unroll
             for (int v = 0; v < 8; ++v) {
-              acc[m][r] += xf[v] * wf[r][v];
+              const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
+              const uint32_t q = (word >> (((c * 8 + v) % PACK) * BITS)) & MASK;
+              wf[r][v] = s[r][u] * qmm_q2f(q) + b[r][u];
+            }
+          }
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            if (m0 + m < M) {
+              const uint4 xv =
+                  *((const ${dev}uint4*)(x + size_t(m0 + m) * size_t(K) + size_t(ku + c * 8)));
+              float xf[8];
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                xf[2 * e] = qmm_lo<T>(qmm_word(xv, e));
+                xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
+              }
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+#pragma unroll
+                for (int v = 0; v < 8; ++v) {
+                  acc[m][r] += xf[v] * wf[r][v];
+                }
+              }
             }
           }
         }
@@ -322,9 +337,12 @@ $loadn
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      wv[r] = wn[r];
-      s[r] = sn[r];
-      b[r] = bn[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        wv[r][u] = wn[r][u];
+        s[r][u] = sn[r][u];
+        b[r][u] = bn[r][u];
+      }
     }
   }
 
@@ -397,9 +415,11 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         )
     elif isinstance(config, DecodeConfig):
         body = _render(
-            _DECODE_BODY, dialect, R=config.rows, NW=config.warps, BITS=bits, GS=group_size,
+            _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors, BITS=bits,
+            GS=group_size,
         )
-        stem = f"qmmperf_decode_r{config.rows}w{config.warps}_b{bits}_g{group_size}_{language}"
+        stem = (f"qmmperf_decode_r{config.rows}w{config.warps}u{config.vectors}"
+                f"_b{bits}_g{group_size}_{language}")
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)

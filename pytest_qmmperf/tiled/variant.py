@@ -166,8 +166,9 @@ class TiledQmm:
 def describe(config: KernelConfig) -> str:
     """One line for ``qmmperf variants``."""
     if isinstance(config, DecodeConfig):
-        return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {config.warps} "
-                f"warps a block; affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
+        return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {config.vectors} "
+                f"16-byte vectors per row and lane a step, {config.warps} warps a block; "
+                f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
             f"{config.wm}x{config.wn} SIMD groups, decode kernel for M <= {config.decode_max_m}; "
             "affine bits 4/8 (Metal, CUDA)")

@@ -235,7 +235,8 @@ def measured_peaks() -> dict[str, float]:
     return {"copy_bytes_per_s": bandwidth, "fp16_gemm_flops_per_s": 2 * n**3 / min(times[1:])}
 
 
-def run_timing(log: Log, tiles: list[str], m_values: tuple[int, ...]) -> list[dict[str, Any]]:
+def run_timing(log: Log, tiles: list[str], m_values: tuple[int, ...],
+               candidates: tuple[str, ...] = CANDIDATES) -> list[dict[str, Any]]:
     import mlx.core as mx
 
     from pytest_qmmperf.variants import get_variant
@@ -251,7 +252,7 @@ def run_timing(log: Log, tiles: list[str], m_values: tuple[int, ...]) -> list[di
             if M <= 128:
                 names.append("tiled:decode")
             if M >= 128:
-                names += list(CANDIDATES)
+                names += list(candidates)
             if 1 < M <= 128:
                 names += list(SMALL_M)
             for name in names:
@@ -287,20 +288,76 @@ using Shape = const int*;
 """
 
 
-def kernel_only(log: Log, tiles: list[str]) -> list[dict[str, Any]]:
-    """Device time of each kernel alone: no MLX graph, no per-launch host work.
+def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
+                group_size: int = 64) -> Any:
+    """The generated CUDA kernel ``name`` for an (M, K) x (N, K) problem, through CuPy (fp16).
 
-    The translation unit MLX would compile (shapes passed as device pointers
-    instead of ``__grid_constant__`` arrays) is compiled by CuPy's NVRTC and
-    launched 50 times between two CUDA events over rotated weights.  The
-    difference from the MLX-path time of the same kernel is what a launch
-    through ``mx.fast.cuda_kernel`` costs on the host.
+    The translation unit MLX would compile, with the shapes passed as device
+    pointers instead of ``__grid_constant__`` arrays.  Returns ``launch(x,
+    w, scales, biases, out)``, which queues it once on the current stream.
     """
     import cupy as cp
 
     from pytest_qmmperf import cuda
     from pytest_qmmperf.tiled import DecodeConfig, generate, geometry, parse_name
     from pytest_qmmperf.tiled.source import decode_tokens
+
+    config = parse_name(name)
+    src = generate(config, bits=bits, group_size=group_size, language="cuda")
+    template: list[tuple[str, str | int]] = [("T", "float16")]
+    if isinstance(config, DecodeConfig):
+        template.append(("MR", decode_tokens(M)))
+    code = cuda.translation_unit(src, dtype="float16", template=template,
+                                 default_header=CUPY_HEADER)
+    fname = "mlx::core::cu::" + cuda.kernel_name(src, template)
+    fn = cp.RawModule(code=code, options=("--std=c++17",),
+                      name_expressions=[fname]).get_function(fname)
+
+    grid, tg = geometry(config, M, N)
+    blocks = (grid[0] // tg[0], grid[1], 1)
+    xs = cp.array([M, K], dtype=cp.int32)
+    wsh = cp.array([N, K * bits // 32], dtype=cp.int32)
+
+    def launch(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
+        fn(blocks, tg, (x, xs, w, wsh, scales, biases, out))
+
+    return launch
+
+
+def event_time(launch: Any, operand_sets: list[tuple[Any, ...]], count: int = 50) -> float:
+    """Seconds per launch: ``count`` launches back to back between two CUDA events."""
+    import cupy as cp
+
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for i in range(count + 3):
+        if i == 3:
+            start.record()
+        launch(*operand_sets[i % len(operand_sets)])
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / 1e3 / count
+
+
+def cupy_operands(M: int, N: int, K: int, count: int) -> list[tuple[Any, ...]]:
+    """``count`` sets of (x, w, scales, biases, out), fp16, 4-bit group 64, random weights."""
+    import cupy as cp
+
+    x = cp.random.standard_normal((M, K), dtype=cp.float32).astype(cp.float16)
+    scales = cp.full((N, K // 64), 0.01, dtype=cp.float16)
+    biases = cp.full((N, K // 64), -0.08, dtype=cp.float16)
+    out = cp.empty((M, N), dtype=cp.float16)
+    return [(x, cp.random.randint(0, 2**31 - 1, size=(N, K // 8), dtype=cp.int32).view(
+        cp.uint32), scales, biases, out) for _ in range(count)]
+
+
+def kernel_only(log: Log, tiles: list[str]) -> list[dict[str, Any]]:
+    """Device time of each kernel alone: no MLX graph, no per-launch host work.
+
+    Each kernel (:func:`cupy_kernel`) is launched 50 times between two CUDA
+    events over rotated weights.  The difference from the MLX-path time of
+    the same kernel is what a launch through ``mx.fast.cuda_kernel`` costs on
+    the host.
+    """
     from pytest_qmmperf.workloads.qmm import QmmSpec
 
     rows = []
@@ -310,37 +367,10 @@ def kernel_only(log: Log, tiles: list[str]) -> list[dict[str, Any]]:
             spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="float16")
             # small M: the decode kernel, and the smallest tile for contrast
             names = ["tiled:decode", tiles[0]] if M <= 16 else list(tiles)
-            x = cp.random.standard_normal((M, K), dtype=cp.float32).astype(cp.float16)
-            count = max(2, min(8, math.ceil(L2_BYTES / spec.weight_bytes)))
-            ws = [cp.random.randint(0, 2**31 - 1, size=(N, K // 8), dtype=cp.int32).view(
-                cp.uint32) for _ in range(count)]
-            scales = cp.full((N, K // 64), 0.01, dtype=cp.float16)
-            biases = cp.full((N, K // 64), -0.08, dtype=cp.float16)
-            out = cp.empty((M, N), dtype=cp.float16)
-            xs = cp.array([M, K], dtype=cp.int32)
-            wsh = cp.array([N, K // 8], dtype=cp.int32)
+            sets = cupy_operands(M, N, K, max(2, min(8, math.ceil(L2_BYTES / spec.weight_bytes))))
             for name in names:
                 try:
-                    config = parse_name(name)
-                    src = generate(config, bits=4, group_size=64, language="cuda")
-                    template: list[tuple[str, str | int]] = [("T", "float16")]
-                    if isinstance(config, DecodeConfig):
-                        template.append(("MR", decode_tokens(M)))
-                    code = cuda.translation_unit(src, dtype="float16", template=template,
-                                                 default_header=CUPY_HEADER)
-                    fname = "mlx::core::cu::" + cuda.kernel_name(src, template)
-                    fn = cp.RawModule(code=code, options=("--std=c++17",),
-                                      name_expressions=[fname]).get_function(fname)
-                    grid, tg = geometry(config, M, N)
-                    blocks = (grid[0] // tg[0], grid[1], 1)
-                    start, stop = cp.cuda.Event(), cp.cuda.Event()
-                    for i in range(53):
-                        if i == 3:
-                            start.record()
-                        fn(blocks, tg, (x, xs, ws[i % count], wsh, scales, biases, out))
-                    stop.record()
-                    stop.synchronize()
-                    t = cp.cuda.get_elapsed_time(start, stop) / 1e3 / 50
+                    t = event_time(cupy_kernel(name, M, N, K), sets)
                 except Exception as exc:
                     log(f"ERROR kernel-only {name} {shape} M={M}: {type(exc).__name__}: {exc}")
                     continue
@@ -396,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--m", type=int, nargs="*", default=list(M_VALUES),
                         help="M values to time (default: %(default)s)")
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES),
+                        help="tiles tried beyond the presets at M >= 128, checked and timed "
+                             "(default: %(default)s)")
+    parser.add_argument("--check-only-candidates", action="store_true",
+                        help="verify only the --candidates (the presets were verified before)")
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -428,18 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     log(f"# {report['date']} MLX {mx.__version__} {lang} {info.get('device_name', info)}")
     tiles = [p for p in PRESETS if not p.endswith(":decode")]
     if not args.skip_check:
-        report["checks"] = run_checks(log, tiles + list(CANDIDATES) + list(SMALL_M))
+        checked = list(args.candidates)
+        if not args.check_only_candidates:
+            checked = tiles + checked + list(SMALL_M)
+        report["checks"] = run_checks(log, checked)
         (args.out / "gpu_kernels.json").write_text(json.dumps(report, indent=1))
     launch_s = None
     if not args.skip_time:
         report["measured_peaks"] = measured_peaks()
         launch_s = report["trivial_kernel_s"] = trivial_kernel_s(lang)
         log(f"# peaks {report['measured_peaks']}, trivial kernel {launch_s * 1e6:.2f} us")
-        report["timings"] = run_timing(log, tiles, tuple(args.m))
+        report["timings"] = run_timing(log, tiles, tuple(args.m), tuple(args.candidates))
         if lang == "cuda":
             try:
                 report["kernel_only"] = kernel_only(
-                    log, ["tiled:32x32:wm2wn2", "tiled:160x32:wm4wn1", *CANDIDATES[:2]])
+                    log, ["tiled:32x32:wm2wn2", "tiled:160x32:wm4wn1", *args.candidates[:2]])
             except ImportError as exc:
                 log(f"# kernel-only times skipped: {exc}")
     (args.out / "gpu_kernels.json").write_text(json.dumps(report, indent=1))

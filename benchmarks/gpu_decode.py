@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_kernels as gk  # noqa: E402  (the shared timing and CuPy helpers)
 
 M_VALUES = (1, 8, 16)
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4)
 WARPS = (4, 8)
 VECTORS = (1, 2, 4, 8)
 

@@ -21,6 +21,7 @@ from pytest_qmmperf.cuda import check as cuda_check
 from pytest_qmmperf.metal import check as metal_check
 from pytest_qmmperf.tiled import PRESETS, DecodeConfig, generate, parse_name
 from pytest_qmmperf.tiled import emulate as emu
+from pytest_qmmperf.tiled.config import REGISTERS_PER_BLOCK
 from pytest_qmmperf.tiled.source import decode_tokens
 from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, relative_error
 
@@ -28,7 +29,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, rel
 CONFIGS = [parse_name(n) for n in (
     *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
-    "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4",
+    "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
+    "tiled:64x128:wm4wn4",
 )]
 
 
@@ -117,15 +119,17 @@ def test_every_generated_cuda_kernel_compiles_without_spills(tmp_path):
                 template = _template(config, dtype, tokens)
                 units.append(cuda.translation_unit(src, dtype=dtype, template=template,
                                                    default_header=not units))
-                names.append(cuda.kernel_name(src, template))
+                names.append((cuda.kernel_name(src, template), config))
     result = cuda_check.compile_check(units, tmp_path, archs=cuda_check.ARCHS)
     assert result.returncode == 0, result.log[-4000:]
-    for name in names:
+    for name, config in names:
         # sm_90a (H100, where MLX runs them) without spills; sm_80 compiles (the BK=128
         # tiles spill a little there at 8 bits)
         k = result.kernel(name, "sm_90a")
         assert (k.spill_stores, k.spill_loads) == (0, 0), (name, k)
         assert 0 < k.registers <= 255
+        # launchable: a block's registers fit the SM's 64K (what the validator estimates)
+        assert k.registers * config.threads <= REGISTERS_PER_BLOCK, (name, k.registers)
         assert result.kernel(name, "sm_80").registers > 0
 
 

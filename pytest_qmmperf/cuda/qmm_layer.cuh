@@ -17,6 +17,11 @@ __device__ __forceinline__ float qmm_q2f(uint32_t q) {
   return __uint_as_float(0x4B000000u | q) - 8388608.0f;
 }
 
+// A 32-bit pattern read as the float it encodes.
+__device__ __forceinline__ float qmm_bits2f(uint32_t b) {
+  return __uint_as_float(b);
+}
+
 __device__ __forceinline__ uint4 qmm_zero4() {
   return make_uint4(0u, 0u, 0u, 0u);
 }

@@ -16,6 +16,11 @@ inline float qmm_q2f(uint32_t q) {
   return as_type<float>(0x4B000000u | q) - 8388608.0f;
 }
 
+// A 32-bit pattern read as the float it encodes.
+inline float qmm_bits2f(uint32_t b) {
+  return as_type<float>(b);
+}
+
 inline uint4 qmm_zero4() {
   return uint4(0u);
 }

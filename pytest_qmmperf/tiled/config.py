@@ -41,12 +41,21 @@ FRAG_K = 16
 #: the next tile prefetched into registers. nvcc for sm_90 spills the kernel
 #: from about 120 on (tiled:128x64x64:wm2wn2 at 8 bits: 64 + 56).
 MAX_LIVE_REGISTERS = 112
+#: 32-bit registers one CUDA block may use (every NVIDIA GPU since sm_50): a
+#: kernel that needs more is refused at launch ("too many resources
+#: requested"), and MLX cannot ask nvcc for fewer (no __launch_bounds__).
+REGISTERS_PER_BLOCK = 65536
+#: What ptxas adds to :attr:`TileConfig.live_registers` (addresses, loop
+#: state, fragments): 50-90 measured on sm_90a, so 96 is assumed.
+REGISTER_OVERHEAD = 96
 DEFAULT_BK = 32
 DEFAULT_DECODE_MAX_M = 8
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
 DECODE_MAX_TOKENS = 8
 #: 16-byte weight vectors a decode lane holds per step (rows x vectors), double-buffered.
 MAX_DECODE_VECTORS = 8
+#: Weight rows a decode warp takes at most: at 8 tokens, 8 rows spill on sm_90a.
+MAX_DECODE_ROWS = 4
 #: The decode kernel's (rows, warps, vectors) when not named: ``tiled:decode``.
 DECODE_DEFAULT = (4, 4, 1)
 
@@ -86,8 +95,11 @@ class DecodeConfig:
         _positive(name, "rows", self.rows)
         _positive(name, "warps", self.warps)
         _positive(name, "vectors", self.vectors)
-        if self.rows > 8:
-            raise TileError(f"{name}: rows={self.rows} exceeds 8 rows per warp (register budget)")
+        if self.rows > MAX_DECODE_ROWS:
+            raise TileError(
+                f"{name}: rows={self.rows} exceeds {MAX_DECODE_ROWS} rows per warp (register "
+                f"budget: {DECODE_MAX_TOKENS} tokens x rows partial sums, twice)"
+            )
         if self.rows * self.vectors > MAX_DECODE_VECTORS:
             raise TileError(
                 f"{name}: rows x vectors = {self.rows * self.vectors} exceeds "
@@ -176,6 +188,13 @@ class TileConfig:
                 f"{name}: needs {self.shared_bytes} bytes of threadgroup memory "
                 f"((BM+BN) x (BK+{PAD}) halves), over the {TG_MEMORY_LIMIT}-byte limit of "
                 "Apple GPUs"
+            )
+        if self.threads * (self.live_registers + REGISTER_OVERHEAD) > REGISTERS_PER_BLOCK:
+            raise TileError(
+                f"{name}: {self.threads} threads x about {self.live_registers + REGISTER_OVERHEAD} "
+                f"registers each exceed the {REGISTERS_PER_BLOCK} registers of a CUDA block "
+                "(refused at launch); use at most 256 threads (WM x WN <= 8) or a smaller "
+                "SIMD-group tile"
             )
         if self.live_registers > MAX_LIVE_REGISTERS:
             raise TileError(

@@ -243,9 +243,10 @@ _DECODE_BODY = Template("""\
   // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
   // lanes split K: each step a lane reads U 16-byte vectors (V weights
   // each, all in one quantization group; vector u at u * SPAN past the
-  // lane's k, so the warp's reads stay contiguous) of each of the R rows,
-  // dequantizes them and multiplies them with the matching V activations of
-  // every token; the lanes' partial sums meet in a SIMD sum at the end.
+  // lane's k, so the warp's reads stay contiguous) of each of the R rows
+  // and multiplies them with the matching V activations of every token,
+  // applying the group's scale and bias once per vector; the lanes'
+  // partial sums meet in a SIMD sum at the end.
   constexpr int R = $R;
   constexpr int NW = $NW;
   constexpr int U = $U;
@@ -256,6 +257,12 @@ _DECODE_BODY = Template("""\
   constexpr int V = 128 / BITS;
   constexpr int SPAN = $SIMD * V;
   constexpr int STEP = SPAN * U;
+  // Weights are read as f = 1 + q / 2^BITS: q shifted to the top of a float's
+  // mantissa under the exponent of 1.0 (two integer operations, no
+  // conversion). Over a group, sum(q * x) = 2^BITS * (sum(f * x) - sum(x)).
+  constexpr int FSHIFT = 23 - BITS;
+  constexpr uint32_t FMASK = MASK << FSHIFT;
+  constexpr float QSCALE = float(1 << BITS);
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
@@ -300,6 +307,18 @@ $loadn
     for (int u = 0; u < U; ++u) {
       const int ku = k + u * SPAN;
       if (U == 1 || ku < K) {
+        // One vector is one group: sum f*x and x over it, then apply its
+        // scale and bias once per row and token.
+        float pm[MR][R];
+        float xm[MR];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          xm[m] = 0.0f;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            pm[m][r] = 0.0f;
+          }
+        }
 #pragma unroll
         for (int c = 0; c < V / 8; ++c) {
           float wf[R][8];
@@ -308,8 +327,9 @@ $loadn
 #pragma unroll
             for (int v = 0; v < 8; ++v) {
               const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
-              const uint32_t q = (word >> (((c * 8 + v) % PACK) * BITS)) & MASK;
-              wf[r][v] = s[r][u] * qmm_q2f(q) + b[r][u];
+              const int sh = FSHIFT - ((c * 8 + v) % PACK) * BITS;
+              const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
+              wf[r][v] = qmm_bits2f(q | 0x3F800000u);
             }
           }
 #pragma unroll
@@ -324,13 +344,26 @@ $loadn
                 xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
               }
 #pragma unroll
+              for (int v = 0; v < 8; ++v) {
+                xm[m] += xf[v];
+              }
+#pragma unroll
               for (int r = 0; r < R; ++r) {
 #pragma unroll
                 for (int v = 0; v < 8; ++v) {
-                  acc[m][r] += xf[v] * wf[r][v];
+                  pm[m][r] += xf[v] * wf[r][v];
                 }
               }
             }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float sp = s[r][u] * QSCALE;
+          const float bp = b[r][u] - sp;
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            acc[m][r] += sp * pm[m][r] + bp * xm[m];
           }
         }
       }

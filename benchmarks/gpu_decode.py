@@ -11,8 +11,10 @@ has three knobs for that: weight rows per warp (R), warps per block (W) and
    projection and M in {1, 8, 16}, compiled through CuPy's NVRTC from the
    same source MLX compiles, checked against a float32 reference computed by
    CuPy, and timed with CUDA events over 50 launches back to back on rotated
-   weights (together larger than the L2 cache).  Also a trivial kernel
-   launched the same way: the launch cost, which the qo target is relative to.
+   weights (together larger than the L2 cache), replayed from a CUDA graph so
+   that host launch cost does not bound them (the one-by-one launch time is
+   kept as ``host_loop_s``).  Also a trivial kernel launched both ways: the
+   launch cost, which the qo target is relative to.
 2. Through MLX: the fastest configurations of phase 1, each verified through
    the variant registry (``workloads.qmm.check_output``, float16 and
    bfloat16, M = 1, 7, 16) and timed as ``gpu_kernels.py`` times (32
@@ -67,24 +69,15 @@ def reference(x: Any, w: Any, scales: Any, biases: Any) -> Any:
     return x.astype(cp.float32) @ deq.reshape(N, -1).T
 
 
-def trivial_launch_s() -> float:
-    """A one-thread kernel launched 50 times back to back between CUDA events."""
+def trivial_launch_s(graph: bool) -> float:
+    """A one-thread kernel, 50 back to back (:func:`gpu_kernels.event_time`): the launch cost."""
     import cupy as cp
 
     k = cp.RawKernel('extern "C" __global__ void t(float* o) { if (threadIdx.x == 0) o[0] = 1; }',
                      "t")
     o = cp.zeros(1, dtype=cp.float32)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(5):
-        for i in range(53):
-            if i == 3:
-                start.record()
-            k((1,), (32,), (o,))
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / 50)
-    return statistics.median(times)
+    return statistics.median(gk.event_time(lambda a: k((1,), (32,), (a,)), [(o,)], graph=graph)
+                             for _ in range(5))
 
 
 def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
@@ -108,10 +101,13 @@ def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
                     launch(x, w, s, b, out)
                     err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
                     t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                    t_loop = statistics.median(gk.event_time(launch, sets, graph=False)
+                                               for _ in range(3))
                 except Exception as exc:
                     log(f"ERROR {name} {shape} M={M}: {type(exc).__name__}: {exc}")
                     continue
                 row = {"shape": shape, "M": M, "N": N, "K": K, "variant": name, "kernel_s": t,
+                       "host_loop_s": t_loop,
                        "floor_s": gk.floor_s(spec), "over_floor": t / gk.floor_s(spec),
                        "max_rel_error": err, "ok": err < 1e-2}
                 rows.append(row)
@@ -191,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"# {report['date']} MLX {mx.__version__} {report['device']}")
     t0 = time.perf_counter()
-    report["launch_alone_s"] = trivial_launch_s()
-    log(f"# trivial kernel alone: {report['launch_alone_s'] * 1e6:.2f} us per launch")
+    report["launch_alone_s"] = trivial_launch_s(graph=True)
+    report["launch_host_loop_s"] = trivial_launch_s(graph=False)
+    log(f"# trivial kernel alone: {report['launch_alone_s'] * 1e6:.2f} us per launch in a "
+        f"CUDA graph, {report['launch_host_loop_s'] * 1e6:.2f} us launched one by one")
     rows = report["alone"] = kernel_alone(log, grid())
     log(f"# phase 1: {time.perf_counter() - t0:.0f} s")
     (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=1))

@@ -57,7 +57,10 @@ MAX_DECODE_VECTORS = 8
 #: Weight rows a decode warp takes at most: at 8 tokens, 8 rows spill on sm_90a.
 MAX_DECODE_ROWS = 4
 #: The decode kernel's (rows, warps, vectors) when not named: ``tiled:decode``.
-DECODE_DEFAULT = (4, 4, 1)
+#: (2, 4, 1) was the fastest of the 18 configurations tried over the
+#: Llama-3.2-3B projections at M = 1, 8 and 16 on the H100 (docs/PERFORMANCE.md,
+#: section 6c); more vectors per lane did not help there.
+DECODE_DEFAULT = (2, 4, 1)
 
 #: Quantization settings the kernels implement (affine mode only).
 BITS = (4, 8)

@@ -243,10 +243,9 @@ _DECODE_BODY = Template("""\
   // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
   // lanes split K: each step a lane reads U 16-byte vectors (V weights
   // each, all in one quantization group; vector u at u * SPAN past the
-  // lane's k, so the warp's reads stay contiguous) of each of the R rows
-  // and multiplies them with the matching V activations of every token,
-  // applying the group's scale and bias once per vector; the lanes'
-  // partial sums meet in a SIMD sum at the end.
+  // lane's k, so the warp's reads stay contiguous) of each of the R rows,
+  // dequantizes them and multiplies them with the matching V activations of
+  // every token; the lanes' partial sums meet in a SIMD sum at the end.
   constexpr int R = $R;
   constexpr int NW = $NW;
   constexpr int U = $U;
@@ -259,7 +258,7 @@ _DECODE_BODY = Template("""\
   constexpr int STEP = SPAN * U;
   // Weights are read as f = 1 + q / 2^BITS: q shifted to the top of a float's
   // mantissa under the exponent of 1.0 (two integer operations, no
-  // conversion). Over a group, sum(q * x) = 2^BITS * (sum(f * x) - sum(x)).
+  // conversion); then s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS), one FMA.
   constexpr int FSHIFT = 23 - BITS;
   constexpr uint32_t FMASK = MASK << FSHIFT;
   constexpr float QSCALE = float(1 << BITS);
@@ -307,17 +306,13 @@ $loadn
     for (int u = 0; u < U; ++u) {
       const int ku = k + u * SPAN;
       if (U == 1 || ku < K) {
-        // One vector is one group: sum f*x and x over it, then apply its
-        // scale and bias once per row and token.
-        float pm[MR][R];
-        float xm[MR];
+        // One vector is one group: its w = s * q + b = sp * f + bp.
+        float sp[R];
+        float bp[R];
 #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-          xm[m] = 0.0f;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            pm[m][r] = 0.0f;
-          }
+        for (int r = 0; r < R; ++r) {
+          sp[r] = s[r][u] * QSCALE;
+          bp[r] = b[r][u] - sp[r];
         }
 #pragma unroll
         for (int c = 0; c < V / 8; ++c) {
@@ -329,7 +324,7 @@ $loadn
               const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
               const int sh = FSHIFT - ((c * 8 + v) % PACK) * BITS;
               const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
-              wf[r][v] = qmm_bits2f(q | 0x3F800000u);
+              wf[r][v] = sp[r] * qmm_bits2f(q | 0x3F800000u) + bp[r];
             }
           }
 #pragma unroll
@@ -344,26 +339,13 @@ $loadn
                 xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
               }
 #pragma unroll
-              for (int v = 0; v < 8; ++v) {
-                xm[m] += xf[v];
-              }
-#pragma unroll
               for (int r = 0; r < R; ++r) {
 #pragma unroll
                 for (int v = 0; v < 8; ++v) {
-                  pm[m][r] += xf[v] * wf[r][v];
+                  acc[m][r] += xf[v] * wf[r][v];
                 }
               }
             }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float sp = s[r][u] * QSCALE;
-          const float bp = b[r][u] - sp;
-#pragma unroll
-          for (int m = 0; m < MR; ++m) {
-            acc[m][r] += sp * pm[m][r] + bp * xm[m];
           }
         }
       }

@@ -194,6 +194,9 @@ EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 3), 8, 64, "float16", tok
                  QmmSpec(M=3, N=20, K=1088, bits=8, group_size=64)))
 EMULATED.append((emu.EmulatedKernel(DecodeConfig(1, 2, 5), 4, 32, "bfloat16", tokens=2),
                  QmmSpec(M=2, N=9, K=2112, bits=4, group_size=32, dtype="bfloat16")))
+# one token (the per-group sums form) at 8 bits, last step partial
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 2), 8, 128, "float16", tokens=1),
+                 QmmSpec(M=1, N=21, K=1152, bits=8, group_size=128)))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))

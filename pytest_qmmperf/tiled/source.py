@@ -258,7 +258,12 @@ _DECODE_BODY = Template("""\
   constexpr int STEP = SPAN * U;
   // Weights are read as f = 1 + q / 2^BITS: q shifted to the top of a float's
   // mantissa under the exponent of 1.0 (two integer operations, no
-  // conversion); then s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS), one FMA.
+  // conversion), and s * q + b = sp * f + bp with sp = s * 2^BITS, bp = b - sp.
+  // One token (M = 1) applies sp and bp once per group to sum(f * x) and
+  // sum(x); several tokens dequantize each weight once (one FMA) and reuse
+  // it. Measured on the H100 (docs/PERFORMANCE.md, section 6c), each form is
+  // the faster one where it is used; MR is a template argument, so only one
+  // is compiled.
   constexpr int FSHIFT = 23 - BITS;
   constexpr uint32_t FMASK = MASK << FSHIFT;
   constexpr float QSCALE = float(1 << BITS);
@@ -305,8 +310,47 @@ $loadn
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int ku = k + u * SPAN;
-      if (U == 1 || ku < K) {
-        // One vector is one group: its w = s * q + b = sp * f + bp.
+      if ((U == 1 || ku < K) && MR == 1) {
+        // One token: sum f * x and x over the vector (one group), then apply
+        // the group's terms once: sum(w * x) = sp * sum(f * x) + bp * sum(x).
+        float pr[R];
+        float xs = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          pr[r] = 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < V / 8; ++c) {
+          const uint4 xv = *((const ${dev}uint4*)(x + size_t(m0) * size_t(K) + size_t(ku + c * 8)));
+          float xf[8];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            xf[2 * e] = qmm_lo<T>(qmm_word(xv, e));
+            xf[2 * e + 1] = qmm_hi<T>(qmm_word(xv, e));
+          }
+#pragma unroll
+          for (int v = 0; v < 8; ++v) {
+            xs += xf[v];
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int v = 0; v < 8; ++v) {
+              const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
+              const int sh = FSHIFT - ((c * 8 + v) % PACK) * BITS;
+              const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
+              pr[r] += xf[v] * qmm_bits2f(q | 0x3F800000u);
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float sp = s[r][u] * QSCALE;
+          acc[0][r] += sp * pr[r] + (b[r][u] - sp) * xs;
+        }
+      } else if (U == 1 || ku < K) {
+        // Several tokens: dequantize once, w = sp * f + bp (one FMA), and
+        // reuse it for every token.
         float sp[R];
         float bp[R];
 #pragma unroll

@@ -154,7 +154,7 @@ def through_mlx(log: gk.Log, names: list[str]) -> dict[str, Any]:
             spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="bfloat16")
             count = max(2, min(8, math.ceil(gk.L2_BYTES / spec.bytes)))
             sets = [make_inputs(spec, seed=s) for s in range(count)]
-            for name in ["mlx", "dequant", "tiled:decode", *names]:
+            for name in dict.fromkeys(["mlx", "dequant", "tiled:decode", *names]):
                 med = statistics.median(gk.timed(get_variant(name), sets, spec))
                 timings.append({"shape": shape, "M": M, "variant": name, "median_s": med,
                                 "floor_s": gk.floor_s(spec), "over_floor": med / gk.floor_s(spec)})

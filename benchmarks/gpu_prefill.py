@@ -25,7 +25,7 @@ Kernel caches: MLX's CUDA backend keeps compiled kernels on disk
 its own (``CUDA_CACHE_PATH``), so only the first process ever pays for all the
 compilation.  ``--ptx-cache first`` (default) gives the first run of each
 variant empty caches (its ``cold_start_s`` is the true first run) and later
-runs a cache shared among them (their start is reported apart, as
+runs a cache shared among that variant's runs (their start is reported apart, as
 ``start_cached_s``); ``fresh`` gives every run empty caches (every run cold,
 slowest); ``default`` leaves MLX's own cache alone.
 
@@ -239,7 +239,9 @@ def parent(args: argparse.Namespace) -> int:
             cache = out / ".kernel-cache" / f"run{k}-{safe}"
             shutil.rmtree(cache, ignore_errors=True)
         elif args.ptx_cache == "first":
-            cache = out / ".kernel-cache" / "shared"
+            # one shared cache per variant: a cache holding another variant's
+            # kernels is not empty, yet compiles this one's from scratch
+            cache = out / ".kernel-cache" / f"shared-{safe}"
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             env["MLX_PTX_CACHE_DIR"] = str(cache / "mlx")
@@ -256,7 +258,7 @@ def parent(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         durations.append(time.perf_counter() - t0)
-        if cache is not None and cache.name != "shared":
+        if cache is not None and not cache.name.startswith("shared-"):
             shutil.rmtree(cache, ignore_errors=True)
         if rc != 0 or not path.exists():
             tail = (out / f"run{k}-{safe}.log").read_text().strip().splitlines()[-5:]

@@ -45,6 +45,7 @@ Wilson 95% intervals treat them as independent.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -64,7 +65,8 @@ from pytest_qmmperf.session import ReferenceWorkload
 
 ARMS = {"base": 20, "aa": 20, "slow5": 21, "slow10": 22}
 SETTINGS = {"aa": "A/A (no change)", "slow5": "5% more work", "slow10": "10% more work"}
-RULES = {"ours": "qmmperf gate", "ours_floor5": "qmmperf, drift corrected from 5%",
+RULES = {"ours": "qmmperf gate", "ours_first": "qmmperf, first measurement only",
+         "ours_floor5": "qmmperf, drift corrected from 5%",
          "ours_nodrift": "qmmperf, no drift correction", "median5": "pytest-benchmark median:5%"}
 SHAPE = (8, 256, 256)
 
@@ -96,6 +98,17 @@ class Session:
     rounds: int
     launches: int
     split: int = 0  # reference[:split] ran before the benchmark, the rest after
+    #: The second look, when the gate asked for one: only the new rounds, and the
+    #: reference bursts around them.
+    second: Session | None = None
+
+    def pooled(self) -> Session:
+        """Both measurements' samples and reference bursts, as the plugin judges them."""
+        if self.second is None:
+            return self
+        return Session(self.arm, self.samples + self.second.samples,
+                       self.reference + self.second.reference,
+                       self.rounds + self.second.rounds, self.launches, self.split)
 
 
 def workload(repeat: int, seed: int) -> timing.Launch:
@@ -115,8 +128,14 @@ def workload(repeat: int, seed: int) -> timing.Launch:
     return launch
 
 
-def run_session(arm: str, seed: int, budget_s: float) -> Session:
-    """A session as the plugin runs one benchmark: reference, benchmark, reference."""
+def run_session(arm: str, seed: int, budget_s: float,
+                base: Session | None = None, threshold: float = 0.05) -> Session:
+    """A session as the plugin runs one benchmark: reference, benchmark, reference.
+
+    With ``base``, the gate judges it against ``base`` at once and, when it
+    asks for a second look, the same timer runs its rounds again between two
+    more reference bursts (as :meth:`pytest_qmmperf.session.QmmSession.record`).
+    """
     overhead = timing.eval_overhead_s("cpu")
     ref = ReferenceWorkload("cpu")
     before = ref.burst(overhead)
@@ -125,17 +144,27 @@ def run_session(arm: str, seed: int, budget_s: float) -> Session:
     timer.prepare()
     timer.run()
     after = ref.burst(overhead)
-    return Session(arm, list(timer.samples_s), before + after, len(timer.samples_s),
-                   timer.launches, len(before))
+    session = Session(arm, list(timer.samples_s), before + after, len(timer.samples_s),
+                      timer.launches, len(before))
+    if base is not None and gate.wants_second_look([verdict(base, session, True, threshold)]):
+        first = len(session.samples)
+        before2 = ref.burst(overhead)
+        timer.run()
+        after2 = ref.burst(overhead)
+        session.second = Session(arm, list(timer.samples_s[first:]), before2 + after2,
+                                 len(timer.samples_s) - first, timer.launches, len(before2))
+    return session
 
 
-def judge(base: Session, cur: Session, drift_correction: bool, threshold: float,
-          min_drift: float | None = None) -> bool:
-    """Whether the plugin's gate fails ``cur`` against ``base`` stored as a baseline file.
+def verdict(base: Session, cur: Session, drift_correction: bool, threshold: float,
+            min_drift: float | None = None, steady: list[Session] | None = None
+            ) -> gate.Verdict:
+    """The plugin's verdict on one measurement ``cur`` against ``base`` stored as a baseline.
 
     As :meth:`pytest_qmmperf.session.QmmSession.record` does: drift from the
     reference around each benchmark, and no enforcement when the machine's
-    speed changed while the current benchmark ran.
+    speed changed while the current benchmark ran (in any of the ``steady``
+    measurements, by default ``cur`` itself).
     """
     stored = baselines.compact_samples(base.samples)
     drift, why = None, None
@@ -144,16 +173,29 @@ def judge(base: Session, cur: Session, drift_correction: bool, threshold: float,
                                  gate.reference_speed(base.reference), cur.reference,
                                  min_change=gate.drift_floor("cpu") if min_drift is None
                                  else min_drift)
-        why = gate.unsteady(cur.reference[:cur.split], cur.reference[cur.split:])
-    [verdict] = gate.judge("bench", {"time_s": cur.samples}, {"time_s": stored}, drift=drift,
-                           thresholds=gate.Thresholds({}, {}, {}, threshold),
-                           enforce_timing=why is None, timing_note=why or "")
-    return verdict.failed
+        why = next(filter(None, (unsteady_reason(m) for m in steady or [cur])), None)
+    [v] = gate.judge("bench", {"time_s": cur.samples}, {"time_s": stored}, drift=drift,
+                     thresholds=gate.Thresholds({}, {}, {}, threshold),
+                     enforce_timing=why is None, timing_note=why or "")
+    return v
+
+
+def judge(base: Session, cur: Session, drift_correction: bool, threshold: float,
+          min_drift: float | None = None, second_look: bool = False) -> bool:
+    """Whether the gate fails ``cur``: on its first measurement, or as shipped (second look)."""
+    if second_look and cur.second is not None:
+        return verdict(base, cur.pooled(), drift_correction, threshold, min_drift,
+                       steady=[cur, cur.second]).failed
+    return verdict(base, cur, drift_correction, threshold, min_drift).failed
+
+
+def unsteady_reason(cur: Session) -> str | None:
+    return gate.unsteady(cur.reference[:cur.split], cur.reference[cur.split:])
 
 
 def unenforced(cur: Session) -> bool:
     """Whether the gate declined to enforce timing (machine speed changed mid-benchmark)."""
-    return gate.unsteady(cur.reference[:cur.split], cur.reference[cur.split:]) is not None
+    return unsteady_reason(cur) is not None
 
 
 def median5(base: Session, cur: Session) -> bool:
@@ -225,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         for b in range(args.blocks):
             order = list(ARMS)
             rng.shuffle(order)
-            block = {arm: run_session(arm, rng.randrange(1 << 30), args.budget) for arm in order}
-            if blocks:
-                j = rng.randrange(len(blocks))
-                base = blocks[j]["base"]
+            j = rng.randrange(len(blocks)) if blocks else None
+            base = blocks[j]["base"] if j is not None else None
+            block = {arm: run_session(arm, rng.randrange(1 << 30), args.budget,
+                                      base if arm in SETTINGS else None, args.threshold)
+                     for arm in order}
+            if base is not None:
                 for arm in SETTINGS:
                     cur = block[arm]
                     rows.append({
@@ -237,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         "reference_ratio": statistics.median(cur.reference)
                         / statistics.median(base.reference),
                         "rounds": (base.rounds, cur.rounds),
-                        "ours": judge(base, cur, True, args.threshold),
+                        "ours": judge(base, cur, True, args.threshold, second_look=True),
+                        "ours_first": judge(base, cur, True, args.threshold),
+                        "second_look": cur.second is not None,
                         "ours_floor5": judge(base, cur, True, args.threshold, 0.05),
                         "ours_nodrift": judge(base, cur, False, args.threshold),
                         "not_enforced": unenforced(cur),
@@ -277,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
           f"rounds per session median {statistics.median(s.rounds for s in sessions):g}")
     load_text = f"on, busy {100 * busy:.0f}% of the run" if busy is not None else "off"
     skipped = sum(r["not_enforced"] for r in rows)
+    looks = sum(r["second_look"] for r in rows)
     print(f"load generator: {load_text}; {len(blocks)} blocks, {len(rows) // 3} comparisons "
           f"per setting, {end - start:.0f} s")
     print(f"A/A ratio of medians, 5th..95th percentile: {pct(aa, 5):.3f}..{pct(aa, 95):.3f}; "
           f"reference ratio: {pct(refs, 5):.3f}..{pct(refs, 95):.3f}")
     print(f"qmmperf gate at threshold {100 * args.threshold:g}%; timing not enforced in "
-          f"{skipped}/{len(rows)} comparisons (machine speed changed mid-benchmark)")
+          f"{skipped}/{len(rows)} comparisons (machine speed changed mid-benchmark); "
+          f"second look taken in {looks}/{len(rows)}")
     print()
     print(f"{'setting':<16} {'rule':<30} {'failed':>9}  {'rate':>6}   95% CI (Wilson)")
     for line in lines:
@@ -290,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "rates": rates, "comparisons": rows,
-            "sessions": [{a: s.__dict__ for a, s in blk.items()} for blk in blocks],
+            "sessions": [{a: dataclasses.asdict(s) for a, s in blk.items()} for blk in blocks],
         }, indent=1))
     return 0
 

@@ -519,6 +519,31 @@ def _decide(ch: stats.Change, higher_is_better: bool, threshold: float) -> str:
     return "unchanged"
 
 
+def wants_second_look(verdicts: Iterable[Verdict]) -> bool:
+    """Whether a benchmark's timing should be measured once more before its verdicts stand.
+
+    One measurement on a shared machine can be hit by other work for its whole
+    duration, which no interval computed from its own rounds shows.  An
+    enforced timing regression, or an enforced timing change that reached
+    :data:`MIN_CHANGE_SHARE` of its threshold in the bad direction without
+    being significant, is measured again right away and judged on both
+    measurements' samples together (:meth:`pytest_qmmperf.session.QmmSession.record`).
+    Replayed on the recorded CPU gate-accuracy runs, this halved A/A false
+    failures and raised detection (docs/PERFORMANCE.md, section 4).
+    Memory and other speed-independent metrics are not measured again.
+    """
+    for v in verdicts:
+        meta = METRICS.get(v.metric)
+        if (meta is None or not meta.gated or drift_power(v.metric) == 0 or not v.enforced
+                or v.threshold is None or v.change is None):
+            continue
+        worse = -v.change if meta.higher_is_better else v.change
+        if v.status == "regression" or (
+                v.status == "unchanged" and worse >= MIN_CHANGE_SHARE * v.threshold):
+            return True
+    return False
+
+
 def judge(
     test: str,
     current: Mapping[str, Sequence[float]],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -297,46 +298,52 @@ class QmmSession:
         if self.options.enabled:
             self._pending_reference = self.reference().burst(self.eval_overhead_s())
 
-    def record(self, result: BenchResult, item: pytest.Item) -> str | None:
-        """Keep ``result`` and judge it; return a failure message when it regressed."""
-        self.results.append(result)
+    def record(self, result: BenchResult, item: pytest.Item,
+               second_look: Callable[[], BenchResult] | None = None,
+               ) -> tuple[BenchResult, str | None]:
+        """Keep ``result`` and judge it; return it and a failure message when it regressed.
+
+        ``second_look`` re-measures the same benchmark and returns a result
+        holding both measurements' samples.  When the first verdicts ask for it
+        (:func:`pytest_qmmperf.gate.wants_second_look`: a timing regression, or
+        a timing change of half the threshold that was not significant), it
+        is called between two more reference bursts and the pooled result is
+        judged instead; that result is the one kept and returned.
+        """
         if not self.options.enabled:
-            return None
+            self.results.append(result)
+            return result, None
         before = self._pending_reference
         after = self.reference().burst(self.eval_overhead_s())
-        local = before + after
         self._pending_reference = []
-        self.local_reference[result.name] = local
-        self.reference_samples += local
         state = self.gate_state()
         if state.error:
-            return state.error
-        thresholds = self._thresholds_for(item)
-        found = state.found
-        entry = found.baseline.entries.get(result.name) if found else None
-        enforce, why = True, ""
-        if state.fingerprint.get("virtual") and not self.options.gate_virtual:
-            enforce, why = False, "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)"
-        elif result.info.get("host_bound") and not self.options.gate_host_bound:
-            enforce, why = False, (
-                f"host-bound: dispatch took {100 * result.info['host_fraction']:.0f}% of each "
-                "round, so time_s measures the host; timing reported, not enforced "
-                "(--qmm-gate-host-bound)")
-        elif found is not None and (reason := gate.unsteady(before, after)):
-            enforce, why = False, reason
-        verdicts = gate.judge(
-            result.name,
-            result.samples,
-            entry.samples if entry is not None else None,
-            current_params=baselines.normalize(result.params),
-            baseline_params=entry.params if entry is not None else None,
-            baseline_medians={m: s["median"] for m, s in entry.summary.items()} if entry else {},
-            thresholds=thresholds,
-            baseline_revision=found.sha if found else None,
-            drift=self.drift_for(state, entry, local),
-            enforce_timing=enforce,
-            timing_note=why,
-        )
+            self._keep(result, before + after)
+            return result, state.error
+        verdicts = self._judge(result, item, state, before, after)
+        if (second_look is not None and not self.options.save_baseline
+                and gate.wants_second_look(verdicts)):
+            before2 = self.reference().burst(self.eval_overhead_s())
+            pooled = second_look()
+            after2 = self.reference().burst(self.eval_overhead_s())
+            first_rounds = len(result.samples.get("time_s", []))
+            rounds = len(pooled.samples.get("time_s", []))
+            result = dataclasses.replace(pooled, info={
+                **pooled.info, "second_look": {
+                    "rounds_first": first_rounds, "rounds_second": rounds - first_rounds,
+                    "first": {v.metric: v.status for v in verdicts
+                              if gate.drift_power(v.metric) and v.status != "not-gated"},
+                }})
+            note = (f"second look: judged on {first_rounds} + {rounds - first_rounds} rounds "
+                    "of two measurements")
+            verdicts = [
+                dataclasses.replace(v, note="; ".join(filter(None, [v.note, note])))
+                if gate.drift_power(v.metric) else v
+                for v in self._judge(result, item, state, before + before2, after + after2,
+                                     unsteady=[(before, after), (before2, after2)])
+            ]
+            before, after = before + before2, after + after2
+        self._keep(result, before + after)
         if self.options.save_baseline:
             # Recording a new yardstick: changes are reported, not enforced.
             verdicts = [
@@ -348,8 +355,49 @@ class QmmSession:
         self.verdicts.extend(verdicts)
         failed = [v for v in verdicts if v.failed]
         if failed:
-            return " | ".join(v.message() for v in failed)
-        return None
+            return result, " | ".join(v.message() for v in failed)
+        return result, None
+
+    def _keep(self, result: BenchResult, local: list[float]) -> None:
+        self.results.append(result)
+        self.local_reference[result.name] = local
+        self.reference_samples += local
+
+    def _judge(self, result: BenchResult, item: pytest.Item, state: GateState,
+               before: list[float], after: list[float],
+               unsteady: list[tuple[list[float], list[float]]] | None = None,
+               ) -> list[gate.Verdict]:
+        """The gate's verdicts for ``result``, with the reference bursts around it."""
+        thresholds = self._thresholds_for(item)
+        found = state.found
+        entry = found.baseline.entries.get(result.name) if found else None
+        enforce, why = True, ""
+        unsteady_reason = None
+        if found is not None:
+            for b, a in unsteady or [(before, after)]:
+                unsteady_reason = unsteady_reason or gate.unsteady(b, a)
+        if state.fingerprint.get("virtual") and not self.options.gate_virtual:
+            enforce, why = False, "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)"
+        elif result.info.get("host_bound") and not self.options.gate_host_bound:
+            enforce, why = False, (
+                f"host-bound: dispatch took {100 * result.info['host_fraction']:.0f}% of each "
+                "round, so time_s measures the host; timing reported, not enforced "
+                "(--qmm-gate-host-bound)")
+        elif unsteady_reason:
+            enforce, why = False, unsteady_reason
+        return gate.judge(
+            result.name,
+            result.samples,
+            entry.samples if entry is not None else None,
+            current_params=baselines.normalize(result.params),
+            baseline_params=entry.params if entry is not None else None,
+            baseline_medians={m: s["median"] for m, s in entry.summary.items()} if entry else {},
+            thresholds=thresholds,
+            baseline_revision=found.sha if found else None,
+            drift=self.drift_for(state, entry, before + after),
+            enforce_timing=enforce,
+            timing_note=why,
+        )
 
     # --- session end -----------------------------------------------------
 

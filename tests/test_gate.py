@@ -370,3 +370,36 @@ def test_unsteady_when_the_machine_changed_speed_mid_benchmark() -> None:
     cur = {"time_s": lognormal(1.3e-3, 0.02, 20, 43)}
     [v] = gate.judge("t", cur, base, enforce_timing=False, timing_note=note)
     assert v.status == "regression" and not v.failed and note in v.note
+
+
+@pytest.mark.parametrize(
+    ("metric", "status", "change", "enforced", "expected"),
+    [
+        # an enforced timing regression is measured again
+        ("time_s", "regression", 0.12, True, True),
+        # a slowdown of half the 5% threshold that was not significant, too
+        ("time_s", "unchanged", 0.025, True, True),
+        ("time_s", "unchanged", 0.024, True, False),
+        # a rate: lower is worse
+        ("prompt_tps", "unchanged", -0.03, True, True),
+        ("prompt_tps", "unchanged", 0.03, True, False),
+        # derived rates restate time_s and are not gated
+        ("tflops", "regression", -0.2, True, False),
+        # faster, or not enforced (virtual GPU, unsteady machine): no second look
+        ("time_s", "improvement", -0.2, True, False),
+        ("time_s", "regression", 0.12, False, False),
+        # memory does not depend on the machine's speed
+        ("peak_memory_gb", "regression", 0.3, True, False),
+    ],
+)
+def test_wants_second_look(metric: str, status: str, change: float, enforced: bool,
+                           expected: bool) -> None:
+    v = Verdict("t", metric, status, change=change, threshold=0.05, enforced=enforced)
+    assert gate.wants_second_look([v]) is expected
+    assert gate.wants_second_look([Verdict("t", "time_s", "unchanged", change=0.0,
+                                           threshold=0.05), v]) is expected
+
+
+def test_no_second_look_without_a_comparison() -> None:
+    assert not gate.wants_second_look([Verdict("t", "time_s", "new")])
+    assert not gate.wants_second_look([])

@@ -140,6 +140,12 @@ def test_record_pass_fail_and_pass_after_the_revert(repo: Repo) -> None:
                    if v["metric"] == "time_s")
     assert verdict["status"] == "regression" and verdict["failed"]
     assert verdict["change"] > 1.0  # about +400%
+    # a timing regression stands only after a second measurement, judged with the first
+    assert "second look: judged on" in verdict["note"]
+    [result] = json.loads((repo.root / "c.json.out").read_text())["results"]
+    look = result["info"]["second_look"]
+    assert look["first"] == {"time_s": "regression"} and look["rounds_second"] >= 8
+    assert result["info"]["rounds"] == look["rounds_first"] + look["rounds_second"]
 
     repo.suite(reps=1)
     repo.commit("D: revert C")

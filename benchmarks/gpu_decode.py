@@ -1,4 +1,4 @@
-"""The decode kernel's parameters on a CUDA GPU: rows, warps and vectors per lane.
+"""The small-M kernels on a CUDA GPU: decode (rows, warps, vectors per lane) and skinny.
 
     python benchmarks/gpu_decode.py --out results/decode
 
@@ -7,8 +7,9 @@ many bytes are in flight per SM; the decode kernel (``tiled:decode:rRwWuU``)
 has three knobs for that: weight rows per warp (R), warps per block (W) and
 16-byte vectors per lane and row in each step (U, double-buffered).
 
-1. Kernel alone: every configuration of the grid, for each Llama-3.2-3B
-   projection and M in {1, 8, 16}, compiled through CuPy's NVRTC from the
+1. Kernel alone: every configuration of the grid and the skinny kernel
+   (``SKINNY``: tensor cores, 2-16 warps splitting K), for each Llama-3.2-3B
+   projection and M in {1, 8, 16, 32} (decode up to 16), compiled through CuPy's NVRTC from the
    same source MLX compiles, checked against a float32 reference computed by
    CuPy, and timed with CUDA events over 50 launches back to back on rotated
    weights (together larger than the L2 cache), replayed from a CUDA graph so
@@ -42,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_kernels as gk  # noqa: E402  (the shared timing and CuPy helpers)
 
-M_VALUES = (1, 8, 16)
+M_VALUES = (1, 8, 16, 32)
+#: The skinny kernel (tensor cores, warps splitting K), tried beside the decode grid.
+SKINNY = ("tiled:skinny:w4", "tiled:skinny", "tiled:skinny:w16")
 ROWS = (1, 2, 4)
 WARPS = (4, 8)
 VECTORS = (1, 2, 4, 8)
@@ -95,6 +98,8 @@ def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
             ref = reference(x, w, s, b)
             scale = float(cp.abs(ref).max())
             for name in names:
+                if M > 16 and name.startswith("tiled:decode"):
+                    continue  # past the decode kernel's range
                 try:
                     launch = gk.cupy_kernel(name, M, N, K)
                     out.fill(0)
@@ -133,7 +138,7 @@ def through_mlx(log: gk.Log, names: list[str]) -> dict[str, Any]:
 
     checks = []
     for name in names:
-        for (N, K), M, dtype in itertools.product(gk.SHAPES.values(), (1, 7, 16),
+        for (N, K), M, dtype in itertools.product(gk.SHAPES.values(), (1, 7, 16, 29),
                                                   ("float16", "bfloat16")):
             spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype=dtype)
             inp = make_inputs(spec, seed=1)
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report["launch_host_loop_s"] = trivial_launch_s(graph=False)
     log(f"# trivial kernel alone: {report['launch_alone_s'] * 1e6:.2f} us per launch in a "
         f"CUDA graph, {report['launch_host_loop_s'] * 1e6:.2f} us launched one by one")
-    rows = report["alone"] = kernel_alone(log, grid())
+    rows = report["alone"] = kernel_alone(log, grid() + list(SKINNY))
     log(f"# phase 1: {time.perf_counter() - t0:.0f} s")
     (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=1))
     best = best_by_case(rows)
@@ -199,19 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     wins: dict[str, int] = {}
     for r in best.values():
         wins[r["variant"]] = wins.get(r["variant"], 0) + 1
-    total = {n: sum(r["over_floor"] for r in rows if r["variant"] == n) for n in grid()}
+    total = {n: sum(r["over_floor"] for r in rows if r["variant"] == n and r["M"] <= 16)
+             for n in grid()}
     chosen = sorted(total, key=lambda n: (-wins.get(n, 0), total[n]))[:args.top]
+    chosen += [n for n in SKINNY if wins.get(n) or n == "tiled:skinny"]
     report["chosen"] = chosen
     report["launch_mlx_s"] = gk.trivial_kernel_s("cuda")
     report.update(through_mlx(log, chosen))
     (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=1))
     log(f"# total {time.perf_counter() - t0:.0f} s")
-    log(f"{'shape':8s} {'M':>3s} {'floor us':>8s} {'default':>16s}  best alone")
+    log(f"{'shape':8s} {'M':>3s} {'floor us':>8s} {'default (what a tile variant runs)':>30s}"
+        "  best alone")
     for (shape, M), r in sorted(best.items(), key=lambda kv: (list(gk.SHAPES).index(kv[0][0]),
                                                               kv[0][1])):
-        d = next(x for x in rows if (x["shape"], x["M"], x["variant"]) ==
-                 (shape, M, "tiled:decode"))
-        log(f"{shape:8s} {M:3d} {r['floor_s'] * 1e6:8.2f} {d['kernel_s'] * 1e6:7.2f} "
+        default = "tiled:decode" if M == 1 else "tiled:skinny"
+        d = next(x for x in rows if (x["shape"], x["M"], x["variant"]) == (shape, M, default))
+        log(f"{shape:8s} {M:3d} {r['floor_s'] * 1e6:8.2f} {default:>13s} "
+            f"{d['kernel_s'] * 1e6:7.2f} "
             f"({d['over_floor']:4.2f}x)  {r['variant']} {r['kernel_s'] * 1e6:.2f} us "
             f"({r['over_floor']:.2f}x)")
     log(f"launch alone {report['launch_alone_s'] * 1e6:.2f} us; through MLX "

@@ -79,7 +79,7 @@ def check_cases(tiles: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """(variant, QmmSpec kwargs) pairs to verify."""
     cases: list[tuple[str, dict[str, Any]]] = []
     # name:d0 differs from name only where M <= 8 (there name runs the decode kernel)
-    every = [*tiles, *(t + ":d0" for t in tiles), "tiled:decode"]
+    every = [*tiles, *(t + ":d0" for t in tiles), "tiled:decode", "tiled:skinny"]
     for name in every:
         small_only = name.endswith(":d0")
         for N, K in SHAPES.values():
@@ -250,7 +250,7 @@ def run_timing(log: Log, tiles: list[str], m_values: tuple[int, ...],
             sets = [make_inputs(spec, seed=s) for s in range(count)]
             names = list(BASELINES) + tiles
             if M <= 128:
-                names.append("tiled:decode")
+                names += ["tiled:decode", "tiled:skinny"]
             if M >= 128:
                 names += list(candidates)
             if 1 < M <= 128:
@@ -299,14 +299,11 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     import cupy as cp
 
     from pytest_qmmperf import cuda
-    from pytest_qmmperf.tiled import DecodeConfig, generate, geometry, parse_name
-    from pytest_qmmperf.tiled.source import decode_tokens
+    from pytest_qmmperf.tiled import generate, geometry, parse_name, template_args
 
     config = parse_name(name)
     src = generate(config, bits=bits, group_size=group_size, language="cuda")
-    template: list[tuple[str, str | int]] = [("T", "float16")]
-    if isinstance(config, DecodeConfig):
-        template.append(("MR", decode_tokens(M)))
+    template: list[tuple[str, str | int]] = [("T", "float16"), *template_args(config, M)]
     code = cuda.translation_unit(src, dtype="float16", template=template,
                                  default_header=CUPY_HEADER)
     fname = "mlx::core::cu::" + cuda.kernel_name(src, template)
@@ -407,9 +404,9 @@ def kernel_only(log: Log, tiles: list[str]) -> list[dict[str, Any]]:
 def summary(rows: list[dict[str, Any]], launch_s: float | None) -> list[str]:
     """One line per (shape, M): the floor, then each kernel's time and its ratio to the floor.
 
-    Where M is at most the presets' decode threshold they all run the decode
-    kernel, so the tiled column shows ``tiled:decode`` itself rather than the
-    luckiest of several timings of one kernel.
+    Where M is at most the presets' small-M threshold they all run the decode
+    (M = 1) or the skinny kernel, so the tiled column shows that kernel itself
+    rather than the luckiest of several timings of one kernel.
     """
     from pytest_qmmperf.tiled.config import DEFAULT_DECODE_MAX_M
 
@@ -427,7 +424,7 @@ def summary(rows: list[dict[str, Any]], launch_s: float | None) -> list[str]:
             return f"{r['median_s'] * 1e6:7.1f} {r['over_floor']:4.1f}x" if r else "-"
 
         if M <= DEFAULT_DECODE_MAX_M:
-            best = group.get("tiled:decode")
+            best = group.get("tiled:decode" if M == 1 else "tiled:skinny")
         else:
             tiled = [r for n, r in group.items() if n.startswith("tiled:")]
             best = min(tiled, key=lambda r: r["median_s"]) if tiled else None
@@ -457,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx
 
     from pytest_qmmperf.hardware import backend_name
-    from pytest_qmmperf.tiled import PRESETS, backend
+    from pytest_qmmperf.tiled import PRESETS, TileConfig, backend, parse_name
     from pytest_qmmperf.timing import prefer_stream_order
 
     # Queued launches must run one after another, as in the plugin's timing.
@@ -482,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor": {"bandwidth_bytes_per_s": BANDWIDTH, "fp16_flops_per_s": FP16_RATE},
     }
     log(f"# {report['date']} MLX {mx.__version__} {lang} {info.get('device_name', info)}")
-    tiles = [p for p in PRESETS if not p.endswith(":decode")]
+    tiles = [p for p in PRESETS if isinstance(parse_name(p), TileConfig)]
     if not args.skip_check:
         checked = list(args.candidates)
         if not args.check_only_candidates:

@@ -10,7 +10,13 @@ import pytest
 from pytest_qmmperf import tiled
 from pytest_qmmperf.tiled import config as cfg
 from pytest_qmmperf.tiled import source, variant
-from pytest_qmmperf.tiled.config import DecodeConfig, TileConfig, TileError, parse_name
+from pytest_qmmperf.tiled.config import (
+    DecodeConfig,
+    SkinnyConfig,
+    TileConfig,
+    TileError,
+    parse_name,
+)
 from pytest_qmmperf.variants import VariantError, get_variant, variant_names
 from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
 
@@ -40,7 +46,10 @@ def test_parse_name(name, expected):
     [
         ("tiled:160x32x32:wm4wn1", "tiled:160x32:wm4wn1"),
         ("tiled:64x64x64:wm2wn2", "tiled:64x64x64:wm2wn2"),
-        ("tiled:32x32:wm2wn2:d8", "tiled:32x32:wm2wn2"),
+        ("tiled:32x32:wm2wn2:d16", "tiled:32x32:wm2wn2"),
+        ("tiled:32x32:wm2wn2:d8", "tiled:32x32:wm2wn2:d8"),
+        ("tiled:skinny:w8", "tiled:skinny"),
+        ("tiled:skinny:w4", "tiled:skinny:w4"),
         ("tiled:32x32:wm2wn2:d0", "tiled:32x32:wm2wn2:d0"),
         ("tiled:decode:r2w4", "tiled:decode"),
         ("tiled:decode:r4w4u1", "tiled:decode:r4w4"),
@@ -122,6 +131,7 @@ def test_presets_are_the_seed_rows_and_listed():
     assert tiled.PRESETS == (
         "tiled:32x32:wm2wn2", "tiled:64x64:wm2wn2", "tiled:160x32:wm4wn1",
         "tiled:160x32:wm2wn2", "tiled:192x32:wm4wn1", "tiled:256x32:wm4wn1", "tiled:decode",
+        "tiled:skinny",
     )
     names = variant_names()
     for preset in tiled.PRESETS:
@@ -152,7 +162,7 @@ def test_register_is_idempotent():
         (QmmSpec(M=8, N=64, K=64, bits=3, group_size=32), "bits=3: the tiled kernels support"),
         (QmmSpec(M=8, N=64, K=64, transpose=False), "x @ w.T only"),
         (QmmSpec(M=8, N=64, K=64, dtype="float32"), "dtype='float32'"),
-        (QmmSpec(M=16, N=64, K=96, group_size=32), "K=96: must be a multiple of BK=64"),
+        (QmmSpec(M=17, N=64, K=96, group_size=32), "K=96: must be a multiple of BK=64"),
         (QmmSpec(M=1, N=1, K=32, group_size=32), "at least 8 words"),
     ],
 )
@@ -267,8 +277,10 @@ def test_both_layers_define_the_same_interface():
     metal = (source.PACKAGE / "metal/qmm_layer.h").read_text()
     cuda = "".join((source.PACKAGE / f).read_text()
                    for f in ("cuda/qmm_ptx.cuh", "cuda/qmm_layer.cuh"))
-    interface = ["qmm_q2f", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi", "qmm_pack",
-                 "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(", "void store("]
+    interface = ["qmm_q2f", "qmm_bits2f", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi",
+                 "qmm_pack", "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(",
+                 "void store(", "struct QmmSkinny", "void load_x(", "float value(int e)",
+                 "int token(int e)", "int out_row(int e)"]
     for name in interface:
         assert name in metal and name in cuda, name
 
@@ -287,6 +299,10 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         (DecodeConfig(4, 4), 1, 8192, (512 * 128, 1, 1), (128, 1, 1)),
         (DecodeConfig(4, 4), 9, 20, (2 * 128, 2, 1), (128, 1, 1)),
         (DecodeConfig(2, 8), 3, 100, (7 * 256, 1, 1), (256, 1, 1)),
+        # 16 weight rows a block; 8 tokens a block up to M = 8, then 16
+        (SkinnyConfig(8), 8, 3072, (192 * 256, 1, 1), (256, 1, 1)),
+        (SkinnyConfig(4), 9, 40, (3 * 128, 1, 1), (128, 1, 1)),
+        (SkinnyConfig(4), 33, 16, (128, 3, 1), (128, 1, 1)),
     ],
 )
 def test_launch_geometry(config, M, N, grid, threadgroup):
@@ -299,12 +315,16 @@ def test_decode_tokens_per_block(M, tokens):
     assert source.decode_tokens(M) == tokens
 
 
-def test_small_m_goes_to_the_decode_kernel():
+def test_small_m_goes_to_the_decode_then_the_skinny_kernel():
     fn = variant.TiledQmm(TileConfig(160, 32, 32, 4, 1))
-    assert isinstance(fn.kernel_for(8), DecodeConfig)
-    assert fn.kernel_for(9) == TileConfig(160, 32, 32, 4, 1)
+    assert isinstance(fn.kernel_for(1), DecodeConfig)
+    assert isinstance(fn.kernel_for(2), SkinnyConfig)
+    assert isinstance(fn.kernel_for(16), SkinnyConfig)
+    assert fn.kernel_for(17) == TileConfig(160, 32, 32, 4, 1)
     never = variant.TiledQmm(TileConfig(160, 32, 32, 4, 1, decode_max_m=0))
     assert never.kernel_for(1) == never.config
+    alone = variant.TiledQmm(SkinnyConfig())
+    assert alone.kernel_for(1) == alone.kernel_for(500) == SkinnyConfig()
 
 
 def test_packing_matches_mx_quantize():

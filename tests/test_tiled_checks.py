@@ -19,10 +19,16 @@ import pytest
 from pytest_qmmperf import cuda, metal
 from pytest_qmmperf.cuda import check as cuda_check
 from pytest_qmmperf.metal import check as metal_check
-from pytest_qmmperf.tiled import PRESETS, DecodeConfig, generate, parse_name
+from pytest_qmmperf.tiled import (
+    PRESETS,
+    DecodeConfig,
+    SkinnyConfig,
+    generate,
+    parse_name,
+    template_args,
+)
 from pytest_qmmperf.tiled import emulate as emu
 from pytest_qmmperf.tiled.config import REGISTERS_PER_BLOCK
-from pytest_qmmperf.tiled.source import decode_tokens
 from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, relative_error
 
 #: The presets and the extra tiles the GPU benchmark tries.
@@ -30,15 +36,21 @@ CONFIGS = [parse_name(n) for n in (
     *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
-    "tiled:64x128:wm4wn4",
+    "tiled:64x128:wm4wn4", "tiled:skinny:w4",
 )]
 
 
-def _template(config, dtype: str, tokens: int = 8) -> list[tuple[str, str | int]]:
-    t: list[tuple[str, str | int]] = [("T", dtype)]
+def _tokens(config) -> tuple[int, ...]:
+    """M values that cover every template instance of ``config``."""
     if isinstance(config, DecodeConfig):
-        t.append(("MR", tokens))
-    return t
+        return (1, 2, 4, 8)
+    if isinstance(config, SkinnyConfig):
+        return (1, 16)
+    return (8,)
+
+
+def _template(config, dtype: str, tokens: int = 8) -> list[tuple[str, str | int]]:
+    return [("T", dtype), *template_args(config, tokens)]
 
 
 # --- Metal: clang syntax and type check ---------------------------------------
@@ -55,7 +67,7 @@ def test_every_generated_metal_kernel_parses():
             for gs in (32, 64, 128):
                 src = generate(config, bits=bits, group_size=gs, language="metal")
                 for dtype in ("float16", "bfloat16"):
-                    for tokens in ((1, 2, 4, 8) if isinstance(config, DecodeConfig) else (8,)):
+                    for tokens in _tokens(config):
                         units.append(metal.translation_unit(
                             src, dtype=dtype, template=_template(config, dtype, tokens)))
     errors = metal_check.check(units)
@@ -115,7 +127,8 @@ def test_every_generated_cuda_kernel_compiles_without_spills(tmp_path):
     for config in CONFIGS:
         for bits, gs, dtype in ((4, 64, "float16"), (8, 32, "bfloat16")):
             src = generate(config, bits=bits, group_size=gs, language="cuda")
-            for tokens in ((1, 8) if isinstance(config, DecodeConfig) else (8,)):
+            for tokens in _tokens(config)[::3] if isinstance(config, DecodeConfig) \
+                    else _tokens(config):
                 template = _template(config, dtype, tokens)
                 units.append(cuda.translation_unit(src, dtype=dtype, template=template,
                                                    default_header=not units))
@@ -179,9 +192,10 @@ _QUANT = [("float16", 4, 64), ("bfloat16", 8, 32), ("float16", 8, 128), ("bfloat
 EMULATED = []
 for _i, _config in enumerate(CONFIGS):
     _dtype, _bits, _gs = _QUANT[_i % len(_QUANT)]
-    _M = 5 if isinstance(_config, DecodeConfig) else 37
+    _M = 5 if isinstance(_config, DecodeConfig) else (13 if isinstance(_config, SkinnyConfig)
+                                                      else 37)
     EMULATED.append((
-        emu.EmulatedKernel(_config, _bits, _gs, _dtype, tokens=decode_tokens(_M)),
+        emu.EmulatedKernel(_config, _bits, _gs, _dtype, tokens=_M),
         QmmSpec(M=_M, N=72, K=256, bits=_bits, group_size=_gs, dtype=_dtype),
     ))
 # M = 1 and M = 9 (two token blocks) through the decode kernel, K at one group
@@ -197,6 +211,12 @@ EMULATED.append((emu.EmulatedKernel(DecodeConfig(1, 2, 5), 4, 32, "bfloat16", to
 # one token (the per-group sums form) at 8 bits, last step partial
 EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 2), 8, 128, "float16", tokens=1),
                  QmmSpec(M=1, N=21, K=1152, bits=8, group_size=128)))
+# skinny: one 8-token fragment at 8 bits; two fragments and two token blocks, N not a
+# multiple of 16 and K short of one 128-k super-step
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2), 8, 32, "bfloat16", tokens=3),
+                 QmmSpec(M=3, N=24, K=416, bits=8, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(3), 4, 32, "float16", tokens=21),
+                 QmmSpec(M=21, N=40, K=96, bits=4, group_size=32)))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))

@@ -161,4 +161,73 @@ struct QmmWarpTile {
   }
 };
 
+// The skinny kernel's fragments: 16 weight rows x 8 * TILES tokens per warp.
+// Lane (g = lane / 4, t = lane % 4) owns rows g and g + 8 and, of each
+// 128-k super-step, k = 32t .. 32t + 31 ("chunk" t), for the weights and for
+// its tokens g (+ 8i). mma step s (of 8) gives m16n8k16's k slots 2t, 2t+1
+// the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1, in A (weights)
+// and B (x) alike, so each lane only uses data it loaded itself.
+template <typename T, int TILES>
+struct QmmSkinny {
+  float acc[TILES][4];
+  uint32_t xw[TILES][16];  // the chunk's x of token g + 8i, as 16 pairs
+  int row;                 // g: rows row and row + 8
+  int chunk;               // t
+  int g;
+  int t;
+
+  __device__ __forceinline__ void init(unsigned lane) {
+    g = static_cast<int>(lane) >> 2;
+    t = static_cast<int>(lane) & 3;
+    row = g;
+    chunk = t;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[i][e] = 0.0f;
+      }
+    }
+  }
+
+  // x[m0 + 8i + g][ks + 32t .. +31] as pairs; zeros past M or K.
+  __device__ __forceinline__ void load_x(const T* x, int m0, int ks, int K, int M) {
+    const int k = ks + 32 * t;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+      const int m = m0 + 8 * i + g;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        uint4 v = qmm_zero4();
+        if (k < K && m < M) {
+          v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * static_cast<size_t>(K) +
+                                              static_cast<size_t>(k + 8 * c));
+        }
+        xw[i][4 * c] = v.x;
+        xw[i][4 * c + 1] = v.y;
+        xw[i][4 * c + 2] = v.z;
+        xw[i][4 * c + 3] = v.w;
+      }
+    }
+  }
+
+  // pa/pb: the chunk's 16 pairs of weight rows g and g + 8, packed T.
+  __device__ __forceinline__ void mma(const uint32_t (&pa)[16], const uint32_t (&pb)[16]) {
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint32_t a[4] = {pa[2 * s], pb[2 * s], pa[2 * s + 1], pb[2 * s + 1]};
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const uint32_t b[2] = {xw[i][2 * s], xw[i][2 * s + 1]};
+        QmmMma<T>::run(acc[i], a, b);
+      }
+    }
+  }
+
+  // Accumulator e (0 .. 4 * TILES - 1): its value, token and weight row in the block.
+  __device__ __forceinline__ float value(int e) const { return acc[e / 4][e % 4]; }
+  __device__ __forceinline__ int token(int e) const { return 8 * (e / 4) + 2 * t + (e & 1); }
+  __device__ __forceinline__ int out_row(int e) const { return g + 8 * ((e % 4) >> 1); }
+};
+
 #endif  // QMMPERF_CUDA_QMM_LAYER

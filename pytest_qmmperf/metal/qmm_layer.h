@@ -128,4 +128,90 @@ struct QmmWarpTile {
   }
 };
 
+// The skinny kernel's fragments: 16 weight rows x 8 * TILES tokens per SIMD
+// group, as 8x8 simdgroup matrices: A = weights (rows x k; rows 0-7 and
+// 8-15), B = x.T (k x tokens), C = rows x tokens. Lane (fm, fn) owns weight
+// rows fm and fm + 8 at chunk fn / 2 of each 128-k super-step (k = 32 * chunk
+// .. +31). Step s (of 16) gives A's k slot 2c + e the chunk's value 2s + e;
+// B's slot r is then value 2s + r % 2 of chunk r / 2, which lane (fm, fn)
+// loads for its tokens fn and fn + 1. The same idea as the CUDA layer's
+// QmmSkinny, with Metal's fragment layout.
+template <typename T, int TILES>
+struct QmmSkinny {
+  simdgroup_matrix<float, 8, 8> acc[TILES][2];
+  uint32_t xa[TILES][16];  // token fn of fragment i, chunk fm / 2, as pairs
+  uint32_t xb[TILES][16];  // token fn + 1
+  int row;
+  int chunk;
+  short fm;
+  short fn;
+
+  inline void init(uint lane) {
+    const short qid = short(lane / 4);
+    fm = short((qid & 4) + ((lane / 2) % 4));
+    fn = short((qid & 2) * 2 + (lane % 2) * 2);
+    row = fm;
+    chunk = fn / 2;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        acc[i][h].thread_elements()[0] = 0.0f;
+        acc[i][h].thread_elements()[1] = 0.0f;
+      }
+    }
+  }
+
+  inline void load_x(const device T* x, int m0, int ks, int K, int M) {
+    const int k = ks + 32 * (fm / 2);
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + 8 * i + fn + e;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          uint4 v = uint4(0u);
+          if (k < K && m < M) {
+            v = *((const device uint4*)(x + size_t(m) * size_t(K) + size_t(k + 8 * c)));
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (e == 0) {
+              xa[i][4 * c + q] = v[q];
+            } else {
+              xb[i][4 * c + q] = v[q];
+            }
+          }
+        }
+      }
+    }
+  }
+
+  inline void mma(thread const uint32_t (&pa)[16], thread const uint32_t (&pb)[16]) {
+#pragma unroll
+    for (int s = 0; s < 16; ++s) {
+      simdgroup_matrix<float, 8, 8> a0;
+      simdgroup_matrix<float, 8, 8> a1;
+      a0.thread_elements()[0] = qmm_lo<T>(pa[s]);
+      a0.thread_elements()[1] = qmm_hi<T>(pa[s]);
+      a1.thread_elements()[0] = qmm_lo<T>(pb[s]);
+      a1.thread_elements()[1] = qmm_hi<T>(pb[s]);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        simdgroup_matrix<float, 8, 8> b;
+        b.thread_elements()[0] = (fm % 2 == 0) ? qmm_lo<T>(xa[i][s]) : qmm_hi<T>(xa[i][s]);
+        b.thread_elements()[1] = (fm % 2 == 0) ? qmm_lo<T>(xb[i][s]) : qmm_hi<T>(xb[i][s]);
+        simdgroup_multiply_accumulate(acc[i][0], a0, b, acc[i][0]);
+        simdgroup_multiply_accumulate(acc[i][1], a1, b, acc[i][1]);
+      }
+    }
+  }
+
+  // Accumulator e (0 .. 4 * TILES - 1): its value, token and weight row in the block.
+  inline float value(int e) { return acc[e / 4][(e % 4) / 2].thread_elements()[e % 2]; }
+  inline int token(int e) const { return 8 * (e / 4) + fn + (e % 2); }
+  inline int out_row(int e) const { return fm + 8 * ((e % 4) / 2); }
+};
+
 #endif  // QMMPERF_METAL_QMM_LAYER

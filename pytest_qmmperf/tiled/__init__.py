@@ -14,17 +14,18 @@ from pytest_qmmperf.tiled.config import (
     PRESETS,
     DecodeConfig,
     KernelConfig,
+    SkinnyConfig,
     TileConfig,
     TileError,
     parse_name,
 )
-from pytest_qmmperf.tiled.source import KernelSource, generate, geometry
+from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, template_args
 from pytest_qmmperf.tiled.variant import TiledQmm, available, backend, built_kernels, describe
 
 __all__ = [
-    "FAMILY", "PRESETS", "DecodeConfig", "KernelConfig", "KernelSource", "TileConfig",
-    "TileError", "TiledQmm", "available", "backend", "built_kernels", "generate", "geometry",
-    "make_variant", "parse_name", "register",
+    "FAMILY", "PRESETS", "DecodeConfig", "KernelConfig", "KernelSource", "SkinnyConfig",
+    "TileConfig", "TileError", "TiledQmm", "available", "backend", "built_kernels", "generate",
+    "geometry", "make_variant", "parse_name", "register", "template_args",
 ]
 
 

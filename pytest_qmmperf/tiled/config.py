@@ -7,12 +7,14 @@ verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
 Names::
 
     tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
-    tiled:decode[:rRwW[uU]]              the small-M kernel on its own, e.g. tiled:decode:r2w4u4
+    tiled:decode[:rRwW[uU]]              the one-token kernel on its own, e.g. tiled:decode:r2w4u4
+    tiled:skinny[:wW]                    the few-token tensor-core kernel, e.g. tiled:skinny:w4
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
 a ``BM/WM`` x ``BN/WN`` sub-tile.  ``MAXM`` is the largest M still sent to
-the decode kernel (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
+the small-M kernels instead of the tile: the decode kernel at M = 1, the
+skinny kernel from M = 2 (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
 """
 
 from __future__ import annotations
@@ -49,7 +51,14 @@ REGISTERS_PER_BLOCK = 65536
 #: state, fragments): 50-90 measured on sm_90a, so 96 is assumed.
 REGISTER_OVERHEAD = 96
 DEFAULT_BK = 32
-DEFAULT_DECODE_MAX_M = 8
+#: Largest M a tile variant sends to its small-M kernels (measured on the H100:
+#: at M = 16 the skinny kernel took 2.3-3.4x the floor, the tiles 10-30x).
+DEFAULT_DECODE_MAX_M = 16
+#: Tokens per skinny block at most (two 8-token fragments); larger M is split
+#: over the grid's y axis.
+SKINNY_MAX_TOKENS = 16
+#: K one skinny super-step covers: 4 lanes x 32 consecutive k each.
+SKINNY_STEP_K = 128
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
 DECODE_MAX_TOKENS = 8
 #: 16-byte weight vectors a decode lane holds per step (rows x vectors), double-buffered.
@@ -133,6 +142,48 @@ class DecodeConfig:
     def params(self) -> dict[str, Any]:
         return {"kernel": "decode", "rows": self.rows, "warps": self.warps,
                 "vectors": self.vectors}
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """The few-token kernel on tensor cores: 16 weight rows per block, ``warps`` warps split K.
+
+    Every lane owns 32 consecutive k of two weight rows (one or two 16-byte
+    vectors each) and of its tokens, and feeds them to the matrix unit in
+    an order of k that is the same for both operands (a sum over k does not
+    care), so no lane waits for another's data; the warps' partial sums meet
+    in threadgroup memory.  Dequantization costs the same at 1 token as at
+    16, so from 2 tokens on it beats the decode kernel.
+    """
+
+    warps: int = 8
+
+    def __post_init__(self) -> None:
+        name = self.name
+        _positive(name, "warps", self.warps)
+        if self.threads > MAX_THREADS:
+            raise TileError(
+                f"{name}: {self.warps} warps make {self.threads} threads, over the "
+                f"{MAX_THREADS}-thread threadgroup limit"
+            )
+
+    @property
+    def threads(self) -> int:
+        return SIMD * self.warps
+
+    @property
+    def shared_bytes(self) -> int:
+        """The warps' partial sums: 4 floats per lane and 8-token fragment, two fragments."""
+        return self.warps * SIMD * 4 * 2 * 4
+
+    @property
+    def name(self) -> str:
+        if self.warps == SkinnyConfig.__dataclass_fields__["warps"].default:
+            return f"{FAMILY}:skinny"
+        return f"{FAMILY}:skinny:w{self.warps}"
+
+    def params(self) -> dict[str, Any]:
+        return {"kernel": "skinny", "warps": self.warps}
 
 
 @dataclass(frozen=True)
@@ -264,16 +315,17 @@ class TileConfig:
         }
 
 
-KernelConfig = TileConfig | DecodeConfig
+KernelConfig = TileConfig | DecodeConfig | SkinnyConfig
 
 _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
 )
+_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+))?$")
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS]]"
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS]] or {FAMILY}:skinny[:wWARPS]"
 )
 
 
@@ -293,6 +345,9 @@ def parse_name(name: str) -> KernelConfig:
             wm=int(m["wm"]), wn=int(m["wn"]),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
         )
+    m = _SKINNY_RE.match(rest)
+    if m:
+        return SkinnyConfig() if m["w"] is None else SkinnyConfig(warps=int(m["w"]))
     m = _DECODE_RE.match(rest)
     if m:
         if m["r"] is None:
@@ -313,6 +368,7 @@ PRESETS: tuple[str, ...] = (
     f"{FAMILY}:192x32:wm4wn1",
     f"{FAMILY}:256x32:wm4wn1",
     f"{FAMILY}:decode",
+    f"{FAMILY}:skinny",
 )
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_qmmperf.tiled.config import DecodeConfig, KernelConfig
-from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry
+from pytest_qmmperf.tiled.config import KernelConfig
+from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry, template_args
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -83,13 +83,10 @@ class EmulatedKernel:
     bits: int
     group_size: int
     dtype: str
-    tokens: int = 8  # the decode kernel's MR template argument
+    tokens: int = 8  # M the template arguments are chosen for (decode MR, skinny TILES)
 
     def template(self) -> list[tuple[str, str | int]]:
-        t: list[tuple[str, str | int]] = [("T", self.dtype)]
-        if isinstance(self.config, DecodeConfig):
-            t.append(("MR", self.tokens))
-        return t
+        return [("T", self.dtype), *template_args(self.config, self.tokens)]
 
     def source(self, language: str) -> KernelSource:
         return generate(self.config, bits=self.bits, group_size=self.group_size,

@@ -27,8 +27,10 @@ from pytest_qmmperf.tiled.config import (
     DECODE_MAX_TOKENS,
     PAD,
     SIMD,
+    SKINNY_MAX_TOKENS,
     DecodeConfig,
     KernelConfig,
+    SkinnyConfig,
     TileConfig,
 )
 
@@ -418,6 +420,106 @@ $loadn
 """)
 
 
+_SKINNY_BODY = Template("""\
+  // Block bx computes out[by*TOK : +TOK, bx*16 : +16] with TOK = 8 * TILES
+  // tokens. Its warps split K in super-steps of 128: warp w takes steps w,
+  // w + W, ... In a step, lane (row r, chunk c) of the layer's QmmSkinny reads
+  // k = step + 32c .. +31 of weight rows r and r + 8 (16-byte vectors, one
+  // quantization group) and dequantizes them into pairs of T; the layer
+  // loads the x it needs and feeds both to the matrix unit, in an order of k
+  // that both operands share (a sum over k does not care). The warps' partial sums meet in
+  // threadgroup memory; warp 0 writes out.
+  constexpr int W = $W;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int PACK = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int CW = BITS;  // 32-bit words holding 32 values
+  constexpr int FSHIFT = 23 - BITS;
+  constexpr uint32_t FMASK = MASK << FSHIFT;
+  constexpr float QSCALE = float(1 << BITS);
+  constexpr int ACC = 4 * TILES;
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int n0 = bx * 16;
+  const int m0 = by * 8 * TILES;
+
+  QmmSkinny<T, TILES> sk;
+  sk.init(lane);
+  $shared float red[W * ACC * $SIMD];
+  for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
+    const int k = ks + 32 * sk.chunk;
+    const bool live = k < K;
+    uint32_t pa[16];
+    uint32_t pb[16];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = n0 + sk.row + 8 * h;
+      uint32_t wv[CW];
+      float sp = 0.0f;
+      float bp = 0.0f;
+#pragma unroll
+      for (int i = 0; i < CW; i += 4) {
+        uint4 v = qmm_zero4();
+        if (live && row < N) {
+          v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+        }
+        wv[i] = qmm_word(v, 0);
+        wv[i + 1] = qmm_word(v, 1);
+        wv[i + 2] = qmm_word(v, 2);
+        wv[i + 3] = qmm_word(v, 3);
+      }
+      if (live && row < N) {
+        const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
+        sp = float(scales[g]) * QSCALE;
+        bp = float(biases[g]) - sp;
+      }
+      // s * q + b = sp * f + bp, f = 1 + q / 2^BITS read from the bits (decode kernel)
+#pragma unroll
+      for (int p = 0; p < 16; ++p) {
+        float f[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 2 * p + e;
+          const uint32_t word = wv[j / PACK];
+          const int sh = FSHIFT - (j % PACK) * BITS;
+          const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
+          f[e] = sp * qmm_bits2f(q | 0x3F800000u) + bp;
+        }
+        const uint32_t pair = qmm_pack<T>(f[0], f[1]);
+        if (h == 0) {
+          pa[p] = pair;
+        } else {
+          pb[p] = pair;
+        }
+      }
+    }
+    sk.load_x(x, m0, ks, K, M);
+    sk.mma(pa, pb);
+  }
+#pragma unroll
+  for (int e = 0; e < ACC; ++e) {
+    red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.value(e);
+  }
+  $barrier;
+  if (warp == 0u) {
+#pragma unroll
+    for (int e = 0; e < ACC; ++e) {
+      float v = 0.0f;
+      for (int q = 0; q < W; ++q) {
+        v += red[(q * ACC + e) * $SIMD + int(lane)];
+      }
+      const int m = m0 + sk.token(e);
+      const int n = n0 + sk.out_row(e);
+      if (m < M && n < N) {
+        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(v);
+      }
+    }
+  }
+""")
+
+
 def _indent_free(text: str) -> str:
     return text.rstrip("\n")
 
@@ -472,6 +574,9 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
             f"qmmperf_tiled_{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
             f"_b{bits}_g{group_size}_{language}"
         )
+    elif isinstance(config, SkinnyConfig):
+        body = _render(_SKINNY_BODY, dialect, W=config.warps, BITS=bits, GS=group_size)
+        stem = f"qmmperf_skinny_w{config.warps}_b{bits}_g{group_size}_{language}"
     elif isinstance(config, DecodeConfig):
         body = _render(
             _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors, BITS=bits,
@@ -500,6 +605,20 @@ def decode_tokens(M: int) -> int:
     return mr
 
 
+def skinny_tiles(M: int) -> int:
+    """The skinny kernel's ``TILES``: 8-token fragments per block (1, or 2 from M = 9)."""
+    return 1 if M <= 8 else SKINNY_MAX_TOKENS // 8
+
+
+def template_args(config: KernelConfig, M: int) -> list[tuple[str, int]]:
+    """Template arguments after ``T`` for M rows: the decode ``MR``, the skinny ``TILES``."""
+    if isinstance(config, DecodeConfig):
+        return [("MR", decode_tokens(M))]
+    if isinstance(config, SkinnyConfig):
+        return [("TILES", skinny_tiles(M))]
+    return []
+
+
 def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int],
                                                              tuple[int, int, int]]:
     """``(grid, threadgroup)`` in threads, as both ``metal_kernel`` and ``cuda_kernel`` take them.
@@ -510,6 +629,8 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     threads = config.threads
     if isinstance(config, TileConfig):
         blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm))
+    elif isinstance(config, SkinnyConfig):
+        blocks = (_ceil_div(N, 16), _ceil_div(M, 8 * skinny_tiles(M)))
     else:
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, decode_tokens(M)))
     return (blocks[0] * threads, blocks[1], 1), (threads, 1, 1)

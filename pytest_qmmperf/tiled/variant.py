@@ -11,11 +11,12 @@ from pytest_qmmperf.tiled.config import (
     FAMILY,
     DecodeConfig,
     KernelConfig,
+    SkinnyConfig,
     TileConfig,
     TileError,
     spec_reason,
 )
-from pytest_qmmperf.tiled.source import KernelSource, decode_tokens, generate, geometry
+from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, template_args
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -78,13 +79,16 @@ def built_kernels() -> list[str]:
 class TiledQmm:
     """A tiled QMM variant: ``x @ dequantize(w).T`` through the generated kernels.
 
-    M at most ``decode_max_m`` goes to the decode kernel (as MLX sends small
-    M to its matrix-vector kernel), larger M to the tile.
+    For a tile configuration, M = 1 goes to the decode kernel (as MLX sends
+    small M to its matrix-vector kernel), 2 <= M <= ``decode_max_m`` to the
+    skinny kernel, larger M to the tile.
     """
 
-    def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None) -> None:
+    def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None,
+                 skinny: SkinnyConfig | None = None) -> None:
         self.config = config
         self.decode = decode or DecodeConfig()
+        self.skinny = skinny or SkinnyConfig()
         self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None]] = {}
 
     def __repr__(self) -> str:
@@ -92,9 +96,11 @@ class TiledQmm:
 
     def kernel_for(self, M: int) -> KernelConfig:
         """The configuration that runs M rows."""
-        if isinstance(self.config, TileConfig) and M > self.config.decode_max_m:
+        if not isinstance(self.config, TileConfig):
             return self.config
-        return self.decode if isinstance(self.config, TileConfig) else self.config
+        if M > self.config.decode_max_m:
+            return self.config
+        return self.decode if M == 1 else self.skinny
 
     def supports(self, spec: QmmSpec) -> str | None:
         return spec_reason(
@@ -155,9 +161,7 @@ class TiledQmm:
         config = self.kernel_for(M)
         _, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
-        template: list[tuple[str, Any]] = [("T", x.dtype)]
-        if isinstance(config, DecodeConfig):
-            template.append(("MR", decode_tokens(M)))
+        template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
                   "output_shapes": [(M, N)], "output_dtypes": [x.dtype]}
         return kern, launch, (None if x.ndim == 2 else (M, K))
@@ -165,10 +169,15 @@ class TiledQmm:
 
 def describe(config: KernelConfig) -> str:
     """One line for ``qmmperf variants``."""
+    if isinstance(config, SkinnyConfig):
+        return (f"{FAMILY} skinny kernel: 16 weight rows x up to 16 tokens a block on the "
+                f"matrix units, {config.warps} warps splitting K; affine bits 4/8, "
+                f"{'/'.join(DTYPES)} (Metal, CUDA)")
     if isinstance(config, DecodeConfig):
         return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {config.vectors} "
                 f"16-byte vectors per row and lane a step, {config.warps} warps a block; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
-            f"{config.wm}x{config.wn} SIMD groups, decode kernel for M <= {config.decode_max_m}; "
+            f"{config.wm}x{config.wn} SIMD groups, decode/skinny kernels for M <= "
+            f"{config.decode_max_m}; "
             "affine bits 4/8 (Metal, CUDA)")

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_decode_out"))
     parser.add_argument("--top", type=int, default=4,
                         help="configurations taken through MLX (default %(default)s)")
+    parser.add_argument("--names", nargs="*",
+                        help="time only these configurations alone (default: the decode grid "
+                             "and the skinny kernels)")
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     report["launch_host_loop_s"] = trivial_launch_s(graph=False)
     log(f"# trivial kernel alone: {report['launch_alone_s'] * 1e6:.2f} us per launch in a "
         f"CUDA graph, {report['launch_host_loop_s'] * 1e6:.2f} us launched one by one")
-    rows = report["alone"] = kernel_alone(log, grid() + list(SKINNY))
+    rows = report["alone"] = kernel_alone(log, args.names or grid() + list(SKINNY))
     log(f"# phase 1: {time.perf_counter() - t0:.0f} s")
     (args.out / "gpu_decode.json").write_text(json.dumps(report, indent=1))
     best = best_by_case(rows)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in best.values():
         wins[r["variant"]] = wins.get(r["variant"], 0) + 1
     total = {n: sum(r["over_floor"] for r in rows if r["variant"] == n and r["M"] <= 16)
-             for n in grid()}
+             for n in {r["variant"] for r in rows} if n.startswith("tiled:decode")}
     chosen = sorted(total, key=lambda n: (-wins.get(n, 0), total[n]))[:args.top]
     chosen += [n for n in SKINNY if wins.get(n) or n == "tiled:skinny"]
     report["chosen"] = chosen

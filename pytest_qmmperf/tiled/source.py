@@ -451,51 +451,54 @@ $prologue
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
     const int k = ks + 32 * sk.chunk;
     const bool live = k < K;
-    uint32_t pa[16];
-    uint32_t pb[16];
+    // Every load of the step first (weights, their group's terms, x), so
+    // that their latencies overlap; then dequantize and multiply.
+    uint32_t wv[2][CW];
+    float sp[2];
+    float bp[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = n0 + sk.row + 8 * h;
-      uint32_t wv[CW];
-      float sp = 0.0f;
-      float bp = 0.0f;
 #pragma unroll
       for (int i = 0; i < CW; i += 4) {
         uint4 v = qmm_zero4();
         if (live && row < N) {
           v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
         }
-        wv[i] = qmm_word(v, 0);
-        wv[i + 1] = qmm_word(v, 1);
-        wv[i + 2] = qmm_word(v, 2);
-        wv[i + 3] = qmm_word(v, 3);
+        wv[h][i] = qmm_word(v, 0);
+        wv[h][i + 1] = qmm_word(v, 1);
+        wv[h][i + 2] = qmm_word(v, 2);
+        wv[h][i + 3] = qmm_word(v, 3);
       }
+      sp[h] = 0.0f;
+      bp[h] = 0.0f;
       if (live && row < N) {
         const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-        sp = float(scales[g]) * QSCALE;
-        bp = float(biases[g]) - sp;
-      }
-      // s * q + b = sp * f + bp, f = 1 + q / 2^BITS read from the bits (decode kernel)
-#pragma unroll
-      for (int p = 0; p < 16; ++p) {
-        float f[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 2 * p + e;
-          const uint32_t word = wv[j / PACK];
-          const int sh = FSHIFT - (j % PACK) * BITS;
-          const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
-          f[e] = sp * qmm_bits2f(q | 0x3F800000u) + bp;
-        }
-        const uint32_t pair = qmm_pack<T>(f[0], f[1]);
-        if (h == 0) {
-          pa[p] = pair;
-        } else {
-          pb[p] = pair;
-        }
+        sp[h] = float(scales[g]) * QSCALE;
+        bp[h] = float(biases[g]) - sp[h];
       }
     }
     sk.load_x(x, m0, ks, K, M);
+    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS read from the bits (decode kernel)
+    uint32_t pa[16];
+    uint32_t pb[16];
+#pragma unroll
+    for (int p = 0; p < 16; ++p) {
+      float f[2][2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 2 * p + e;
+          const uint32_t word = wv[h][j / PACK];
+          const int sh = FSHIFT - (j % PACK) * BITS;
+          const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
+          f[h][e] = sp[h] * qmm_bits2f(q | 0x3F800000u) + bp[h];
+        }
+      }
+      pa[p] = qmm_pack<T>(f[0][0], f[0][1]);
+      pb[p] = qmm_pack<T>(f[1][0], f[1][1]);
+    }
     sk.mma(pa, pb);
   }
 #pragma unroll

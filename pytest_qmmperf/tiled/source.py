@@ -448,17 +448,36 @@ $prologue
   QmmSkinny<T, TILES> sk;
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
-  // Software pipelined: the next super-step's weights and their group's
-  // terms are in flight while this one's are dequantized and multiplied.
-  uint32_t wv[2][CW];
-  float sp[2];
-  float bp[2];
-$skload
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
-    uint32_t wn[2][CW];
-    float spn[2];
-    float bpn[2];
-$sknext
+    const int k = ks + 32 * sk.chunk;
+    const bool live = k < K;
+    // Every load of the step first (weights, their group's terms, x), so
+    // that their latencies overlap; then dequantize and multiply.
+    uint32_t wv[2][CW];
+    float sp[2];
+    float bp[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = n0 + sk.row + 8 * h;
+#pragma unroll
+      for (int i = 0; i < CW; i += 4) {
+        uint4 v = qmm_zero4();
+        if (live && row < N) {
+          v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+        }
+        wv[h][i] = qmm_word(v, 0);
+        wv[h][i + 1] = qmm_word(v, 1);
+        wv[h][i + 2] = qmm_word(v, 2);
+        wv[h][i + 3] = qmm_word(v, 3);
+      }
+      sp[h] = 0.0f;
+      bp[h] = 0.0f;
+      if (live && row < N) {
+        const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
+        sp[h] = float(scales[g]) * QSCALE;
+        bp[h] = float(biases[g]) - sp[h];
+      }
+    }
     sk.load_x(x, m0, ks, K, M);
     // s * q + b = sp * f + bp, f = 1 + q / 2^BITS read from the bits (decode kernel)
     uint32_t pa[16];
@@ -481,15 +500,6 @@ $sknext
       pb[p] = qmm_pack<T>(f[1][0], f[1][1]);
     }
     sk.mma(pa, pb);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int i = 0; i < CW; ++i) {
-        wv[h][i] = wn[h][i];
-      }
-      sp[h] = spn[h];
-      bp[h] = bpn[h];
-    }
   }
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
@@ -513,33 +523,6 @@ $sknext
 """)
 
 
-_SKINNY_LOAD = """\
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = n0 + sk.row + 8 * h;
-    const int k = $ks + 32 * sk.chunk;
-    const bool live = k < K && row < N;
-#pragma unroll
-    for (int i = 0; i < CW; i += 4) {
-      uint4 v = qmm_zero4();
-      if (live) {
-        v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
-      }
-      $w[h][i] = qmm_word(v, 0);
-      $w[h][i + 1] = qmm_word(v, 1);
-      $w[h][i + 2] = qmm_word(v, 2);
-      $w[h][i + 3] = qmm_word(v, 3);
-    }
-    $sp[h] = 0.0f;
-    $bp[h] = 0.0f;
-    if (live) {
-      const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-      $sp[h] = float(scales[g]) * QSCALE;
-      $bp[h] = float(biases[g]) - $sp[h];
-    }
-  }"""
-
-
 def _indent_free(text: str) -> str:
     return text.rstrip("\n")
 
@@ -552,17 +535,11 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
-    skinny = Template(_SKINNY_LOAD)
-    snippets["skload"] = skinny.substitute(dev=dialect.dev, w="wv", sp="sp", bp="bp",
-                                           ks="int(warp) * 128")
-    snippets["sknext"] = skinny.substitute(dev=dialect.dev, w="wn", sp="spn", bp="bpn",
-                                           ks="(ks + W * 128)")
     return template.substitute(
         shared=dialect.shared, tg=dialect.tg, dev=dialect.dev, barrier=dialect.barrier,
         prologue=_indent_free(dialect.prologue), load=_indent_free(snippets["load"]),
         store=_indent_free(snippets["store"]), loadw=_indent_free(snippets["loadw"]),
-        loadn=_indent_free(snippets["loadn"]), skload=_indent_free(snippets["skload"]),
-        sknext=_indent_free(snippets["sknext"]), SIMD=SIMD, PAD=PAD, **values,
+        loadn=_indent_free(snippets["loadn"]), SIMD=SIMD, PAD=PAD, **values,
     )
 
 

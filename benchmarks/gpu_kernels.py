@@ -91,12 +91,13 @@ def check_cases(tiles: list[str]) -> list[tuple[str, dict[str, Any]]]:
             if M <= 8 or not small_only:
                 cases.append((name, dict(M=M, N=N, K=K, group_size=gs)))
     quant = ["tiled:160x32:wm4wn1:d0", "tiled:32x32:wm2wn2:d0", "tiled:64x64:wm2wn2:d0",
-             "tiled:decode"]
+             "tiled:decode", "tiled:skinny"]
     for name in quant:
         for dtype in ("float16", "bfloat16"):
             for bits in (4, 8):
                 for gs in (32, 64, 128):
-                    for M in ((3, 200) if name.endswith(":d0") else (3,)):
+                    small = (3, 13) if name == "tiled:skinny" else (3,)  # 1 and 2 fragments
+                    for M in ((3, 200) if name.endswith(":d0") else small):
                         cases.append((name, dict(M=M, N=200, K=384, bits=bits, group_size=gs,
                                                  dtype=dtype)))
     return cases

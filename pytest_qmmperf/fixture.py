@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -48,6 +49,10 @@ TIMING_METHOD = "serial"
 _OOM_WORDS = ("out of memory", "unable to allocate", "failed to allocate", "[malloc]",
               "cudaerrormemoryallocation", "insufficient memory")
 
+
+#: Fewest measured prefill rounds: the gate's 99% interval needs 5 samples a
+#: side to bound a change at all (fewer can never fail, whatever the change).
+PREFILL_MIN_ROUNDS = 5
 
 def _fail(message: str) -> NoReturn:
     """Fail the test with one clean line (no traceback, no chained exception)."""
@@ -105,8 +110,8 @@ class QmmBench:
             samples["peak_memory_gb"] = [self._working_set_gb(launch, spec.bytes)]
             info.update(input_sets=len(sets), relative_error=err, flops=spec.flops,
                         bytes=spec.bytes, roofline_source=self._session.peaks().source)
-        return self._finish("qmm", params, samples, info,
-                            rates=(spec.flops, spec.bytes, self._session.peaks()))
+        return self._finish("qmm", params, samples, info, second_look=self._second_look(
+            f"{variant} {spec.label()}", (spec.flops, spec.bytes, self._session.peaks())))
 
     def __call__(self, fn: Callable[[], Any], *, flops: float | None = None,
                  bytes: float | None = None,  # noqa: A002 - SPEC's keyword name
@@ -140,9 +145,8 @@ class QmmBench:
             if flops or bytes:
                 info["roofline_source"] = self._session.peaks().source
         params = {"fn": label, "flops": flops, "bytes": bytes, "timing": TIMING_METHOD}
-        return self._finish("callable", params, samples, info,
-                            rates=(flops, bytes, self._session.peaks() if (flops or bytes)
-                                   else None))
+        return self._finish("callable", params, samples, info, second_look=self._second_look(
+            label, (flops, bytes, self._session.peaks() if (flops or bytes) else None)))
 
     def prefill(self, model: str, *, prompt_tokens: int, gen_tokens: int, bits: int = 4,
                 group_size: int = 64, mode: str = "affine", variant: str = "mlx",
@@ -176,7 +180,9 @@ class QmmBench:
             first = runner.run_round()
             round_s = time.perf_counter() - t0
             policy = self._session.policy()
-            rounds = max(3, min(policy.max_rounds, int(policy.budget_s / max(round_s, 1e-9))))
+            # the first round counts: at least PREFILL_MIN_ROUNDS (or --qmm-min-rounds) in all
+            least = max(PREFILL_MIN_ROUNDS, self._session.options.min_rounds or 0) - 1
+            rounds = max(least, min(policy.max_rounds, int(policy.budget_s / max(round_s, 1e-9))))
             rows: list[dict[str, float]] = [first]
 
             def one_round() -> None:
@@ -191,7 +197,19 @@ class QmmBench:
                     samples.setdefault(key, []).append(float(value))
             samples["cold_start_s"] = [cold]
             info = {**runner.info(), "rounds": len(rows)}
-        return self._finish("prefill", spec.params(), samples, info)
+
+        def again(result: BenchResult) -> BenchResult:
+            more: dict[str, list[float]] = {k: list(v) for k, v in result.samples.items()}
+            for i in range(rounds):
+                row = runner.run_round()
+                self._progress(f"{label}: second look, round {i + 1} of {rounds}, "
+                               f"TTFT {row.get('ttft_s', math.nan):.4g} s")
+                for key, value in row.items():
+                    more.setdefault(key, []).append(float(value))
+            return dataclasses.replace(result, samples=more, info={
+                **result.info, "rounds": len(rows) + rounds})
+
+        return self._finish("prefill", spec.params(), samples, info, second_look=again)
 
     def external(self, source: str | None = None, *, command: list[str] | str | None = None,
                  format: str = "uzu",  # noqa: A002 - mirrors the file format's name
@@ -296,8 +314,8 @@ class QmmBench:
     def _progress(self, message: str) -> None:
         self._session.progress(self._request.node.nodeid, message)
 
-    def _second_look(self, result: BenchResult, label: str,
-                     rates: tuple[float | None, float | None, Any]) -> Callable[[], BenchResult]:
+    def _second_look(self, label: str, rates: tuple[float | None, float | None, Any]
+                     ) -> Callable[[BenchResult], BenchResult]:
         """Re-measure with this test's timer: its planned rounds once more, both sets kept.
 
         The extra rounds run outside pytest-benchmark (a test may use its
@@ -307,7 +325,7 @@ class QmmBench:
         timer = self._timer
         assert timer is not None  # set by _time, which every timed kind runs first
 
-        def again() -> BenchResult:
+        def again(result: BenchResult) -> BenchResult:
             self._progress(f"{label}: second look, {timer.rounds} more rounds")
             samples_s = list(timer.run())
             samples = {**result.samples, "time_s": samples_s}
@@ -319,7 +337,7 @@ class QmmBench:
 
     def _finish(self, kind: str, params: dict[str, Any], samples: dict[str, list[float]],
                 info: dict[str, Any],
-                rates: tuple[float | None, float | None, Any] | None = None) -> BenchResult:
+                second_look: Callable[[BenchResult], BenchResult] | None = None) -> BenchResult:
         medians = {k: statistics.median(v) for k, v in samples.items() if v}
         result = BenchResult(name=self._request.node.nodeid, kind=kind, params=params,
                              samples=samples, info=info)
@@ -330,11 +348,8 @@ class QmmBench:
             extra["qmm_params"] = params
             if "launches_per_round" in info:
                 extra["qmm_launches_per_round"] = info["launches_per_round"]
-        second_look = None
-        if rates is not None and self._timer is not None:
-            second_look = self._second_look(result, str(params.get("variant", params.get("fn"))),
-                                            rates)
-        result, message = self._session.record(result, self._request.node, second_look)
+        again = functools.partial(second_look, result) if second_look is not None else None
+        result, message = self._session.record(result, self._request.node, again)
         self.result = result
         if message:
             _fail(message)

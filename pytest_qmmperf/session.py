@@ -326,8 +326,8 @@ class QmmSession:
             before2 = self.reference().burst(self.eval_overhead_s())
             pooled = second_look()
             after2 = self.reference().burst(self.eval_overhead_s())
-            first_rounds = len(result.samples.get("time_s", []))
-            rounds = len(pooled.samples.get("time_s", []))
+            first_rounds = int(result.info.get("rounds", 0))
+            rounds = int(pooled.info.get("rounds", 0))
             result = dataclasses.replace(pooled, info={
                 **pooled.info, "second_look": {
                     "rounds_first": first_rounds, "rounds_second": rounds - first_rounds,

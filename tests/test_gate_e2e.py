@@ -432,3 +432,48 @@ def test_host_bound_timing_is_reported_not_enforced(repo: Repo) -> None:
     strict = repo.run("--qmm-gate-host-bound")
     strict.assert_outcomes(failed=1)
     strict.stdout.fnmatch_lines([f"time_s regression: * at {a[:10]} -> *"])
+
+
+PREFILL_CONFTEST = """
+import mlx.core as mx
+
+EXTRA = {extra}
+
+def pytest_qmmperf_register_variants(register):
+    def mine(x, w, scales, biases, *, transpose, group_size, bits, mode):
+        out = mx.quantized_matmul(x, w, scales, biases, transpose=transpose,
+                                  group_size=group_size, bits=bits, mode=mode)
+        for _ in range(EXTRA):  # more work, same result
+            out = out + 0.0 * mx.quantized_matmul(x, w, scales, biases, transpose=transpose,
+                                                  group_size=group_size, bits=bits, mode=mode)
+        return out
+    register("mine", mine, description="MLX's kernel, EXTRA times more work")
+"""
+
+PREFILL_SUITE = """
+def test_prefill(qmm_bench):
+    qmm_bench.prefill("tiny", prompt_tokens=64, gen_tokens=3, variant="mine")
+"""
+
+
+def test_a_prefill_regression_is_confirmed_by_a_second_look(repo: Repo) -> None:
+    pytest.importorskip("mlx_lm")
+    (repo.root / "test_suite.py").write_text(PREFILL_SUITE)
+    (repo.root / "conftest.py").write_text(PREFILL_CONFTEST.format(extra=0))
+    repo.commit("a prefill suite")
+    a = record(repo)
+    (repo.root / "conftest.py").write_text(PREFILL_CONFTEST.format(extra=6))
+    repo.commit("seven times the matmul work in every quantized layer")
+    result = repo.run("--qmm-json=p.json.out")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*ttft_s regression: * at {a[:10]} -> *"])
+    report = json.loads((repo.root / "p.json.out").read_text())
+    [res] = report["results"]
+    look = res["info"]["second_look"]
+    # --qmm-min-rounds=8 holds for prefill too, so the first look can already judge
+    assert look["rounds_first"] >= 8
+    assert look["first"]["ttft_s"] == "regression"
+    assert look["rounds_second"] >= 7
+    assert len(res["samples"]["ttft_s"]) == look["rounds_first"] + look["rounds_second"]
+    ttft = next(v for v in report["verdicts"] if v["metric"] == "ttft_s")
+    assert ttft["failed"] and "second look: judged on" in ttft["note"]

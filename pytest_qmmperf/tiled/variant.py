@@ -174,8 +174,9 @@ def describe(config: KernelConfig) -> str:
                 f"matrix units, {config.warps} warps splitting K; affine bits 4/8, "
                 f"{'/'.join(DTYPES)} (Metal, CUDA)")
     if isinstance(config, DecodeConfig):
-        return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {config.vectors} "
-                f"16-byte vectors per row and lane a step, {config.warps} warps a block; "
+        vectors = f"{config.vectors} 16-byte vector" + ("s" if config.vectors != 1 else "")
+        return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {vectors} per "
+                f"row and lane a step, {config.warps} warps a block; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
             f"{config.wm}x{config.wn} SIMD groups, decode/skinny kernels for M <= "

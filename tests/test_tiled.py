@@ -277,7 +277,7 @@ def test_both_layers_define_the_same_interface():
     metal = (source.PACKAGE / "metal/qmm_layer.h").read_text()
     cuda = "".join((source.PACKAGE / f).read_text()
                    for f in ("cuda/qmm_ptx.cuh", "cuda/qmm_layer.cuh"))
-    interface = ["qmm_q2f", "qmm_bits2f", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi",
+    interface = ["qmm_q2f", "qmm_unit", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi",
                  "qmm_pack", "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(",
                  "void store(", "struct QmmSkinny", "void load_x(", "float value(int e)",
                  "int token(int e)", "int out_row(int e)"]

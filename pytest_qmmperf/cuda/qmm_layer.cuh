@@ -17,9 +17,15 @@ __device__ __forceinline__ float qmm_q2f(uint32_t q) {
   return __uint_as_float(0x4B000000u | q) - 8388608.0f;
 }
 
-// A 32-bit pattern read as the float it encodes.
-__device__ __forceinline__ float qmm_bits2f(uint32_t b) {
-  return __uint_as_float(b);
+// Value i of a packed word as f = 1 + q / 2^BITS: q shifted under the
+// exponent of 1.0 in a float's mantissa (a shift and a mask, no int-to-float
+// conversion); s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
+template <int BITS>
+__device__ __forceinline__ float qmm_unit(uint32_t word, int i) {
+  const int sh = 23 - BITS - i * BITS;
+  const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) &
+      (((1u << BITS) - 1u) << (23 - BITS));
+  return __uint_as_float(q | 0x3F800000u);
 }
 
 __device__ __forceinline__ uint4 qmm_zero4() {

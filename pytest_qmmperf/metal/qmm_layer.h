@@ -16,9 +16,23 @@ inline float qmm_q2f(uint32_t q) {
   return as_type<float>(0x4B000000u | q) - 8388608.0f;
 }
 
-// A 32-bit pattern read as the float it encodes.
-inline float qmm_bits2f(uint32_t b) {
-  return as_type<float>(b);
+// Value i of a packed word as f = 1 + q / 2^BITS: q shifted under the
+// exponent of 1.0 in a float's mantissa (a shift and a mask, no int-to-float
+// conversion); s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
+template <int BITS>
+inline float qmm_unit(uint32_t word, int i) {
+  const int sh = 23 - BITS - i * BITS;
+  const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) &
+      (((1u << BITS) - 1u) << (23 - BITS));
+  return as_type<float>(q | 0x3F800000u);
+}
+
+// The lane layout of an 8x8 simdgroup matrix (MLX's steel GEMM): this lane
+// holds row fm, columns fn and fn + 1.
+inline void qmm_lane_layout(uint lane, thread short& fm, thread short& fn) {
+  const short qid = short(lane / 4);
+  fm = short((qid & 4) + ((lane / 2) % 4));
+  fn = short((qid & 2) * 2 + (lane % 2) * 2);
 }
 
 inline uint4 qmm_zero4() {
@@ -65,9 +79,7 @@ struct QmmWarpTile {
   short fn;
 
   inline void init(uint lane) {
-    const short qid = short(lane / 4);
-    fm = short((qid & 4) + ((lane / 2) % 4));
-    fn = short((qid & 2) * 2 + (lane % 2) * 2);
+    qmm_lane_layout(lane, fm, fn);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
 #pragma unroll
@@ -147,9 +159,7 @@ struct QmmSkinny {
   short fn;
 
   inline void init(uint lane) {
-    const short qid = short(lane / 4);
-    fm = short((qid & 4) + ((lane / 2) % 4));
-    fn = short((qid & 2) * 2 + (lane % 2) * 2);
+    qmm_lane_layout(lane, fm, fn);
     row = fm;
     chunk = fn / 2;
 #pragma unroll

@@ -86,6 +86,14 @@ def _positive(name: str, label: str, value: Any) -> None:
         raise TileError(f"{name}: {label}={value!r} must be a positive integer")
 
 
+def _check_warps(name: str, warps: int) -> None:
+    if SIMD * warps > MAX_THREADS:
+        raise TileError(
+            f"{name}: {warps} warps make {SIMD * warps} threads, over the "
+            f"{MAX_THREADS}-thread threadgroup limit"
+        )
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """The small-M kernel: each warp streams ``rows`` weight rows, ``warps`` warps a block.
@@ -118,11 +126,7 @@ class DecodeConfig:
                 f"{MAX_DECODE_VECTORS} 16-byte vectors per lane and step (register budget: "
                 "they are double-buffered)"
             )
-        if self.threads > MAX_THREADS:
-            raise TileError(
-                f"{name}: {self.warps} warps make {self.threads} threads, over the "
-                f"{MAX_THREADS}-thread threadgroup limit"
-            )
+        _check_warps(name, self.warps)
 
     @property
     def threads(self) -> int:
@@ -161,11 +165,7 @@ class SkinnyConfig:
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "warps", self.warps)
-        if self.threads > MAX_THREADS:
-            raise TileError(
-                f"{name}: {self.warps} warps make {self.threads} threads, over the "
-                f"{MAX_THREADS}-thread threadgroup limit"
-            )
+        _check_warps(name, self.warps)
 
     @property
     def threads(self) -> int:

@@ -254,20 +254,16 @@ _DECODE_BODY = Template("""\
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
   constexpr int V = 128 / BITS;
   constexpr int SPAN = $SIMD * V;
   constexpr int STEP = SPAN * U;
-  // Weights are read as f = 1 + q / 2^BITS: q shifted to the top of a float's
-  // mantissa under the exponent of 1.0 (two integer operations, no
-  // conversion), and s * q + b = sp * f + bp with sp = s * 2^BITS, bp = b - sp.
+  // Weights are read as f = 1 + q / 2^BITS (the layer's qmm_unit), and
+  // s * q + b = sp * f + bp with sp = s * 2^BITS, bp = b - sp.
   // One token (M = 1) applies sp and bp once per group to sum(f * x) and
   // sum(x); several tokens dequantize each weight once (one FMA) and reuse
   // it. Measured on the H100 (docs/PERFORMANCE.md, section 6c), each form is
   // the faster one where it is used; MR is a template argument, so only one
   // is compiled.
-  constexpr int FSHIFT = 23 - BITS;
-  constexpr uint32_t FMASK = MASK << FSHIFT;
   constexpr float QSCALE = float(1 << BITS);
 $prologue
   const int KW = K / PACK;
@@ -339,9 +335,7 @@ $loadn
 #pragma unroll
             for (int v = 0; v < 8; ++v) {
               const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
-              const int sh = FSHIFT - ((c * 8 + v) % PACK) * BITS;
-              const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
-              pr[r] += xf[v] * qmm_bits2f(q | 0x3F800000u);
+              pr[r] += xf[v] * qmm_unit<BITS>(word, (c * 8 + v) % PACK);
             }
           }
         }
@@ -368,9 +362,7 @@ $loadn
 #pragma unroll
             for (int v = 0; v < 8; ++v) {
               const uint32_t word = qmm_word(wv[r][u], (c * 8 + v) / PACK);
-              const int sh = FSHIFT - ((c * 8 + v) % PACK) * BITS;
-              const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
-              wf[r][v] = sp[r] * qmm_bits2f(q | 0x3F800000u) + bp[r];
+              wf[r][v] = sp[r] * qmm_unit<BITS>(word, (c * 8 + v) % PACK) + bp[r];
             }
           }
 #pragma unroll
@@ -433,10 +425,7 @@ _SKINNY_BODY = Template("""\
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
   constexpr int CW = BITS;  // 32-bit words holding 32 values
-  constexpr int FSHIFT = 23 - BITS;
-  constexpr uint32_t FMASK = MASK << FSHIFT;
   constexpr float QSCALE = float(1 << BITS);
   constexpr int ACC = 4 * TILES;
 $prologue
@@ -479,7 +468,7 @@ $prologue
       }
     }
     sk.load_x(x, m0, ks, K, M);
-    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS read from the bits (decode kernel)
+    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit)
     uint32_t pa[16];
     uint32_t pb[16];
 #pragma unroll
@@ -491,9 +480,7 @@ $prologue
         for (int e = 0; e < 2; ++e) {
           const int j = 2 * p + e;
           const uint32_t word = wv[h][j / PACK];
-          const int sh = FSHIFT - (j % PACK) * BITS;
-          const uint32_t q = (sh >= 0 ? (word << sh) : (word >> (-sh))) & FMASK;
-          f[h][e] = sp[h] * qmm_bits2f(q | 0x3F800000u) + bp[h];
+          f[h][e] = sp[h] * qmm_unit<BITS>(word, j % PACK) + bp[h];
         }
       }
       pa[p] = qmm_pack<T>(f[0][0], f[0][1]);

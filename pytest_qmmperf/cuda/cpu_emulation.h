@@ -137,51 +137,6 @@ inline void qmm_emu_ldmatrix(uint32_t* r, const void* p) {
 inline void qmm_ldmatrix_x4(uint32_t (&r)[4], const void* p) { qmm_emu_ldmatrix<4>(r, p); }
 inline void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p) { qmm_emu_ldmatrix<2>(r, p); }
 
-// cp.async: a thread's copies are queued in groups and only made when a
-// wait lets their group complete (and the oldest first), so a kernel that
-// reads a slot before waiting for it, or waits for too little, reads stale
-// data here as it may on the GPU.
-namespace qmm_emu {
-struct AsyncCopy {
-  void* dst;
-  const void* src;
-  int bytes;
-  bool zero;
-};
-inline thread_local std::vector<std::vector<AsyncCopy>> async_groups;
-inline thread_local std::vector<AsyncCopy> async_open;
-}  // namespace qmm_emu
-
-template <typename D, typename S>
-inline void qmm_async16(D* dst, const S* src, bool full) {
-  qmm_emu::async_open.push_back({static_cast<void*>(dst), static_cast<const void*>(src), 16, !full});
-}
-
-template <typename D, typename S>
-inline void qmm_async4(D* dst, const S* src) {
-  qmm_emu::async_open.push_back({static_cast<void*>(dst), static_cast<const void*>(src), 4, false});
-}
-
-inline void qmm_async_commit() {
-  qmm_emu::async_groups.push_back(std::move(qmm_emu::async_open));
-  qmm_emu::async_open.clear();
-}
-
-template <int N>
-inline void qmm_async_wait() {
-  auto& groups = qmm_emu::async_groups;
-  while (groups.size() > static_cast<size_t>(N)) {
-    for (const auto& c : groups.front()) {
-      if (c.zero) {
-        std::memset(c.dst, 0, static_cast<size_t>(c.bytes));
-      } else {
-        std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
-      }
-    }
-    groups.erase(groups.begin());
-  }
-}
-
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: with g = lane / 4 and
 // t = lane % 4, A regs hold (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..);
 // B regs hold k = 2t..2t+1 and 2t+8..2t+9 of column g; D holds (g, 2t), (g, 2t+1),

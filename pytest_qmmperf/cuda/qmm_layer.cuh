@@ -121,25 +121,6 @@ struct QmmWarpTile {
     }
   }
 
-  // B fragments of tokens i * 8 .. +7 at k = kk .. kk + 15:
-  // matrices: tokens 0-7 at k 0-7, then at k 8-15 (lanes 16-31 repeat 0-15).
-  __device__ __forceinline__ void load_x(uint32_t (&b)[TM][2], const T* xs, int kk) const {
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-      qmm_ldmatrix_x2(b[i], xs + (i * 8 + (lane & 7)) * BKP + kk + ((lane >> 3) & 1) * 8);
-    }
-  }
-
-  __device__ __forceinline__ void run(const uint32_t (&a)[TN][4], const uint32_t (&b)[TM][2]) {
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        QmmMma<T>::run(acc[j][i], a[j], b[i]);
-      }
-    }
-  }
-
   __device__ __forceinline__ void mma(const T* xs, const T* ws) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
@@ -150,60 +131,18 @@ struct QmmWarpTile {
         // matrices: rows 0-7 | 8-15 at k 0-7, then the same rows at k 8-15
         qmm_ldmatrix_x4(a[j], ws + (j * 16 + (lane & 15)) * BKP + kk + (lane >> 4) * 8);
       }
-      load_x(b, xs, kk);
-      run(a, b);
-    }
-  }
-
-  // The same product from a packed weight slice: wq holds WTN rows of BK / (32 / BITS)
-  // words as mx.quantize packs them; sb row r the 4-byte pairs holding its
-  // scale and its bias, element e0 + r * G of scales/biases, so the low half
-  // when that is even. Lane (g, t) dequantizes A's pairs k = 2t, 2t+1 and
-  // 2t+8, 2t+9 of rows g and g + 8 itself: no other lane's data, no extra
-  // barrier.
-  template <int BITS>
-  __device__ __forceinline__ void mma_packed(const T* xs, const uint32_t* wq, const uint32_t* sb,
-                                             int e0, int G) {
-    constexpr int PACK = 32 / BITS;
-    constexpr int WP = BK / PACK;
-    constexpr float QSCALE = float(1 << BITS);
-    const int g = lane >> 2;
-    const int t = lane & 3;
-    const int wsel = (2 * t) / PACK;           // word of the pair k = 2t, 2t+1 in a 16-k step
-    const int vsh = ((2 * t) % PACK) * BITS;  // its bit offset
-    float sp[TN][2];
-    float bp[TN][2];
 #pragma unroll
-    for (int j = 0; j < TN; ++j) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = j * 16 + g + 8 * h;
-        const bool hi = ((e0 + r * G) & 1) != 0;
-        const float s = hi ? qmm_hi<T>(sb[2 * r]) : qmm_lo<T>(sb[2 * r]);
-        const float b = hi ? qmm_hi<T>(sb[2 * r + 1]) : qmm_lo<T>(sb[2 * r + 1]);
-        sp[j][h] = s * QSCALE;  // s * q + b = sp * f + bp, f = 1 + q / 2^BITS
-        bp[j][h] = b - sp[j][h];
+      for (int i = 0; i < TM; ++i) {
+        // matrices: tokens 0-7 at k 0-7, then at k 8-15 (lanes 16-31 repeat 0-15)
+        qmm_ldmatrix_x2(b[i], xs + (i * 8 + (lane & 7)) * BKP + kk + ((lane >> 3) & 1) * 8);
       }
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      uint32_t a[TN][4];
-      uint32_t b[TM][2];
 #pragma unroll
       for (int j = 0; j < TN; ++j) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t* row = wq + (j * 16 + g + 8 * h) * WP + kk / PACK + wsel;
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const uint32_t word = row[half * (8 / PACK)] >> vsh;
-            a[j][2 * half + h] = qmm_pack<T>(sp[j][h] * qmm_unit<BITS>(word, 0) + bp[j][h],
-                                             sp[j][h] * qmm_unit<BITS>(word, 1) + bp[j][h]);
-          }
+        for (int i = 0; i < TM; ++i) {
+          QmmMma<T>::run(acc[j][i], a[j], b[i]);
         }
       }
-      load_x(b, xs, kk);
-      run(a, b);
     }
   }
 

@@ -1,8 +1,8 @@
 // qmmperf tiled QMM: the tensor-core instructions of the CUDA layer, as inline PTX.
 //
-// ldmatrix, mma.sync m16n8k16 and cp.async (sm_80 and newer, f16 or bf16 in, f32
+// ldmatrix and mma.sync m16n8k16 (sm_80 and newer, f16 or bf16 in, f32
 // accumulate). Kept apart from qmm_layer.cuh so that a CPU emulation of
-// these functions can run the rest of the generated source unchanged.
+// these three functions can run the rest of the generated source unchanged.
 
 #ifndef QMMPERF_CUDA_QMM_PTX
 #define QMMPERF_CUDA_QMM_PTX
@@ -29,33 +29,6 @@ __device__ __forceinline__ void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p)
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
                : "r"(qmm_smem_addr(p)));
-}
-
-// Asynchronous copies global -> shared (sm_80 and newer): 16 bytes, or
-// zeros when `full` is false (src-size 0: nothing is read); 4 bytes. Both
-// addresses aligned to the size. commit closes a group of copies; wait<N>
-// returns when at most N of this thread's groups are still in flight.
-template <typename D, typename S>
-__device__ __forceinline__ void qmm_async16(D* dst, const S* src, bool full) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :
-               : "r"(qmm_smem_addr(dst)), "l"(src), "r"(full ? 16 : 0));
-}
-
-template <typename D, typename S>
-__device__ __forceinline__ void qmm_async4(D* dst, const S* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
-               :
-               : "r"(qmm_smem_addr(dst)), "l"(src));
-}
-
-__device__ __forceinline__ void qmm_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int N>
-__device__ __forceinline__ void qmm_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // D = A (16x16, row-major) x B (16x8, column-major) + D in float.

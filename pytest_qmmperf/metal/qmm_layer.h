@@ -61,25 +61,6 @@ inline uint32_t qmm_pack(float a, float b) {
       (uint32_t(as_type<ushort>(static_cast<T>(b))) << 16);
 }
 
-// Copies global -> threadgroup memory. Apple GPUs have no asynchronous
-// copy a kernel can issue, so these copy at once and commit/wait do
-// nothing; the CUDA layer's versions are cp.async. Same names, same
-// schedule in the generated body.
-template <typename D, typename S>
-inline void qmm_async16(threadgroup D* dst, const device S* src, bool full) {
-  *((threadgroup uint4*)dst) = full ? *((const device uint4*)src) : uint4(0u);
-}
-
-template <typename D, typename S>
-inline void qmm_async4(threadgroup D* dst, const device S* src) {
-  *((threadgroup uint32_t*)dst) = *((const device uint32_t*)src);
-}
-
-inline void qmm_async_commit() {}
-
-template <int N>
-inline void qmm_async_wait() {}
-
 inline float qmm_warp_sum(float v) {
   return simd_sum(v);
 }
@@ -126,62 +107,6 @@ struct QmmWarpTile {
         const threadgroup T* p = ws + (j * 8 + fn) * BKP + kk + fm;
         b[j].thread_elements()[0] = static_cast<float>(p[0]);
         b[j].thread_elements()[1] = static_cast<float>(p[BKP]);
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
-        }
-      }
-    }
-  }
-
-  // The same product from a packed weight slice: wq holds WTN rows of
-  // BK / (32 / BITS) words as mx.quantize packs them; sb row r the 4-byte
-  // pairs holding its scale and its bias, element e0 + r * G of
-  // scales/biases (the low half when that is even). Lane (fm, fn)
-  // dequantizes B's k = fm of rows fn and fn + 1 itself, rounded to T as the
-  // CUDA layer rounds its fragments.
-  template <int BITS>
-  inline void mma_packed(const threadgroup T* xs, const threadgroup uint32_t* wq,
-                         const threadgroup uint32_t* sb, int e0, int G) {
-    constexpr int PACK = 32 / BITS;
-    constexpr int WP = BK / PACK;
-    constexpr float QSCALE = float(1 << BITS);
-    float sp[TN][2];
-    float bp[TN][2];
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = j * 8 + fn + e;
-        const bool hi = ((e0 + r * G) & 1) != 0;
-        const float s = hi ? qmm_hi<T>(sb[2 * r]) : qmm_lo<T>(sb[2 * r]);
-        const float b = hi ? qmm_hi<T>(sb[2 * r + 1]) : qmm_lo<T>(sb[2 * r + 1]);
-        sp[j][e] = s * QSCALE;  // s * q + b = sp * f + bp, f = 1 + q / 2^BITS
-        bp[j][e] = b - sp[j][e];
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 8) {
-      simdgroup_matrix<float, 8, 8> a[TM];
-      simdgroup_matrix<float, 8, 8> b[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        const threadgroup T* p = xs + (i * 8 + fm) * BKP + kk + fn;
-        a[i].thread_elements()[0] = static_cast<float>(p[0]);
-        a[i].thread_elements()[1] = static_cast<float>(p[1]);
-      }
-      const int k = kk + fm;
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const uint32_t word = wq[(j * 8 + fn + e) * WP + k / PACK];
-          const float v = sp[j][e] * qmm_unit<BITS>(word, k % PACK) + bp[j][e];
-          b[j].thread_elements()[e] = static_cast<float>(static_cast<T>(v));
-        }
       }
 #pragma unroll
       for (int i = 0; i < TM; ++i) {

@@ -6,18 +6,13 @@ verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
 
 Names::
 
-    tiled:BMxBN[xBK]:wmWMwnWN[:sS][:dMAXM]  e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0,
-                                         tiled:128x128:wm2wn4:s2
+    tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
     tiled:decode[:rRwW[uU]]              the one-token kernel on its own, e.g. tiled:decode:r2w4u4
     tiled:skinny[:wW]                    the few-token tensor-core kernel, e.g. tiled:skinny:w4
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
-a ``BM/WM`` x ``BN/WN`` sub-tile.  ``S`` (2 or more) picks the staged tile:
-``S`` slices of x and of the still-packed weights in threadgroup memory,
-filled by asynchronous copies ``S - 1`` slices ahead, each SIMD group
-dequantizing its weight fragments from there; without it, one slice whose
-weights are dequantized once, on the way into threadgroup memory.  ``MAXM`` is the largest M still sent to
+a ``BM/WM`` x ``BN/WN`` sub-tile.  ``MAXM`` is the largest M still sent to
 the small-M kernels instead of the tile: the decode kernel at M = 1, the
 skinny kernel from M = 2 (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
 """
@@ -56,11 +51,6 @@ REGISTERS_PER_BLOCK = 65536
 #: state, fragments): 50-90 measured on sm_90a, so 96 is assumed.
 REGISTER_OVERHEAD = 96
 DEFAULT_BK = 32
-#: The staged tile's BK: the smallest group size, so a slice of a weight row
-#: lies in exactly one quantization group (one scale and bias per row and slice).
-STAGED_BK = 32
-#: Staged slices the K loop cycles through at most.
-MAX_STAGES = 4
 #: Largest M a tile variant sends to its small-M kernels (measured on the H100:
 #: at M = 16 the skinny kernel took 2.3-3.4x the floor, the tiles 10-30x).
 DEFAULT_DECODE_MAX_M = 16
@@ -210,23 +200,11 @@ class TileConfig:
     wm: int = 2
     wn: int = 2
     decode_max_m: int = DEFAULT_DECODE_MAX_M
-    stages: int = 0
 
     def __post_init__(self) -> None:
         name = self.name
         for label in ("bm", "bn", "bk", "wm", "wn"):
             _positive(name, label.upper(), getattr(self, label))
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) \
-                or self.stages < 0 or self.stages == 1 or self.stages > MAX_STAGES:
-            raise TileError(
-                f"{name}: stages={self.stages!r} must be 2 to {MAX_STAGES} (or 0: the unstaged "
-                "tile)"
-            )
-        if self.stages and self.bk != STAGED_BK:
-            raise TileError(
-                f"{name}: a staged tile takes BK={STAGED_BK} (one quantization group per weight "
-                f"row and slice at every group size), not {self.bk}"
-            )
         if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
                 or self.decode_max_m < 0:
             raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
@@ -260,12 +238,10 @@ class TileConfig:
                 f"over the {MAX_THREADS}-thread threadgroup limit"
             )
         if self.shared_bytes > TG_MEMORY_LIMIT:
-            layout = (f"(BM+BN) x (BK+{PAD}) halves" if not self.stages else
-                      f"{self.stages} x (BM x (BK+{PAD}) halves + BN x (BK bytes at 8 bits + "
-                      "8 bytes of scale and bias))")
             raise TileError(
-                f"{name}: needs {self.shared_bytes} bytes of threadgroup memory ({layout}), "
-                f"over the {TG_MEMORY_LIMIT}-byte limit of Apple GPUs"
+                f"{name}: needs {self.shared_bytes} bytes of threadgroup memory "
+                f"((BM+BN) x (BK+{PAD}) halves), over the {TG_MEMORY_LIMIT}-byte limit of "
+                "Apple GPUs"
             )
         if self.threads * (self.live_registers + REGISTER_OVERHEAD) > REGISTERS_PER_BLOCK:
             raise TileError(
@@ -303,15 +279,7 @@ class TileConfig:
 
     @property
     def shared_bytes(self) -> int:
-        """Threadgroup memory: a BM x BK activation tile and a BN x BK weight tile, 2-byte.
-
-        A staged tile keeps ``stages`` slices of x, of the packed weights (at
-        8 bits, the widest) and of each weight row's scale and bias (as the
-        aligned 4-byte pair holding each).
-        """
-        if self.stages:
-            per_stage = self.bm * self.pitch * 2 + self.bn * self.bk + self.bn * 8
-            return self.stages * per_stage
+        """Threadgroup memory: a BM x BK activation tile and a BN x BK weight tile, 2-byte."""
         return (self.bm + self.bn) * self.pitch * 2
 
     @property
@@ -323,14 +291,8 @@ class TileConfig:
         """Accumulators plus the registers holding the next tile (at 8 bits, the widest).
 
         Activations travel as 16-byte vectors (4 registers), weights as words
-        with their scale and bias (3 registers each).  A staged tile copies
-        straight into threadgroup memory and instead holds one 16-k step's
-        fragments and its rows' scale and bias terms.
+        with their scale and bias (3 registers each).
         """
-        if self.stages:
-            tm = self.warp_tile_m // FRAG_TOKENS
-            tn = self.warp_tile_n // FRAG_ROWS
-            return self.accumulators + 2 * tm + 4 * tn + 4 * tn
         vectors = -(-self.bm * self.bk // 8 // self.threads)
         words = -(-self.bn * self.bk // 4 // self.threads)
         return self.accumulators + 4 * vectors + 3 * words
@@ -341,8 +303,6 @@ class TileConfig:
         if self.bk != DEFAULT_BK:
             shape += f"x{self.bk}"
         name = f"{FAMILY}:{shape}:wm{self.wm}wn{self.wn}"
-        if self.stages:
-            name += f":s{self.stages}"
         if self.decode_max_m != DEFAULT_DECODE_MAX_M:
             name += f":d{self.decode_max_m}"
         return name
@@ -350,8 +310,7 @@ class TileConfig:
     def params(self) -> dict[str, Any]:
         return {
             "kernel": "tiled", "BM": self.bm, "BN": self.bn, "BK": self.bk, "WM": self.wm,
-            "WN": self.wn, "stages": self.stages, "decode_max_m": self.decode_max_m,
-            "threads": self.threads,
+            "WN": self.wn, "decode_max_m": self.decode_max_m, "threads": self.threads,
             "shared_bytes": self.shared_bytes,
         }
 
@@ -359,14 +318,13 @@ class TileConfig:
 KernelConfig = TileConfig | DecodeConfig | SkinnyConfig
 
 _TILE_RE = re.compile(
-    r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)"
-    r"(?::s(?P<s>\d+))?(?::d(?P<d>\d+))?$"
+    r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+))?$")
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?)?$")
 
 GRAMMAR = (
-    f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:sSTAGES][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
+    f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
     f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS]] or {FAMILY}:skinny[:wWARPS]"
 )
 
@@ -386,7 +344,6 @@ def parse_name(name: str) -> KernelConfig:
             bm=int(m["bm"]), bn=int(m["bn"]), bk=int(m["bk"] or DEFAULT_BK),
             wm=int(m["wm"]), wn=int(m["wn"]),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
-            stages=int(m["s"] or 0),
         )
     m = _SKINNY_RE.match(rest)
     if m:

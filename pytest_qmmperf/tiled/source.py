@@ -229,121 +229,6 @@ $load
   tile.store(out, m0 + wm * WTM, n0 + wn * WTN, M, N);
 """)
 
-_STAGED_ISSUE = """\
-      // Slice ${step} -> slot ${slot}, asynchronously: x in 16-byte pieces, the
-      // packed weights likewise, each row's scale and bias as the aligned
-      // 4-byte pair holding it; zeros past M and N.
-      {
-        const int kq = (${step}) * BK;
-        ${tg}T* xd = xs + (${slot}) * BM * BKP;
-        ${tg}uint32_t* wd = wq + (${slot}) * BN * WP;
-        ${tg}uint32_t* sd = sb + (${slot}) * BN * 2;
-#pragma unroll
-        for (int j = 0; j < XJ; ++j) {
-          const int i = int(tid) + j * THREADS;
-          if (XV % THREADS == 0 || i < XV) {
-            const int r = i / XVR;
-            const int c = (i % XVR) * 8;
-            const bool in = m0 + r < M;
-            qmm_async16(xd + r * BKP + c, x + size_t(in ? m0 + r : 0) * size_t(K) + size_t(kq + c), in);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < WJ; ++j) {
-          const int i = int(tid) + j * THREADS;
-          if (WV % THREADS == 0 || i < WV) {
-            const int r = i / WVR;
-            const int c = (i % WVR) * 4;
-            const bool in = n0 + r < N;
-            qmm_async16(wd + r * WP + c, w + size_t(in ? n0 + r : 0) * size_t(KW) + size_t(kq / PACK + c), in);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < SJ; ++j) {
-          const int i = int(tid) + j * THREADS;
-          if (SV % THREADS == 0 || i < SV) {
-            const int r = i / 2;
-            const size_t e = size_t(n0 + r < N ? n0 + r : 0) * size_t(G) + size_t(kq / GS);
-            qmm_async4(sd + i, (i % 2 == 0 ? scales : biases) + (e & ~size_t(1)));
-          }
-        }
-      }
-"""
-
-_STAGED_BODY = Template("""\
-  // Block (bx, by) computes out[by*BM : +BM, bx*BN : +BN]; SIMD group
-  // (wm, wn) of the WM x WN split its WTM x WTN part. The K loop cycles
-  // through S slots of threadgroup memory, each holding one BK-slice of x,
-  // of the packed weights and of their rows' scales and biases; asynchronous
-  // copies keep the next S - 1 slices in flight while one is multiplied, and
-  // each SIMD group dequantizes its own weight fragments from the packed
-  // slice (the layer's mma_packed). One barrier per slice: after it, every
-  // group is done with the slot that the next copy overwrites.
-  constexpr int BM = $BM;
-  constexpr int BN = $BN;
-  constexpr int BK = $BK;
-  constexpr int WM = $WM;
-  constexpr int WN = $WN;
-  constexpr int S = $S;
-  constexpr int BITS = $BITS;
-  constexpr int GS = $GS;
-  constexpr int THREADS = WM * WN * $SIMD;
-  constexpr int BKP = BK + $PAD;
-  constexpr int PACK = 32 / BITS;
-  constexpr int WP = BK / PACK;
-  constexpr int WTM = BM / WM;
-  constexpr int WTN = BN / WN;
-  constexpr int XVR = BK / 8;
-  constexpr int XV = BM * XVR;
-  constexpr int XJ = (XV + THREADS - 1) / THREADS;
-  constexpr int WVR = WP / 4;
-  constexpr int WV = BN * WVR;
-  constexpr int WJ = (WV + THREADS - 1) / THREADS;
-  constexpr int SV = BN * 2;
-  constexpr int SJ = (SV + THREADS - 1) / THREADS;
-$prologue
-  const int KW = K / PACK;
-  const int G = K / GS;
-  const int m0 = by * BM;
-  const int n0 = bx * BN;
-  const int wm = int(warp) / WN;
-  const int wn = int(warp) % WN;
-  const int KT = K / BK;
-
-  $shared uint4 xs_raw[S * BM * BKP / 8];
-  $shared uint4 wq_raw[S * BN * WP / 4];
-  $shared uint32_t sb[S * BN * 2];
-  ${tg}T* xs = (${tg}T*)xs_raw;
-  ${tg}uint32_t* wq = (${tg}uint32_t*)wq_raw;
-
-  QmmWarpTile<T, WTM, WTN, BK, BKP> tile;
-  tile.init(lane);
-
-#pragma unroll
-  for (int p = 0; p < S - 1; ++p) {
-    if (p < KT) {
-$issue_first
-    }
-    qmm_async_commit();
-  }
-  for (int kt = 0; kt < KT; ++kt) {
-    qmm_async_wait<S - 2>();
-    $barrier;
-    const int nk = kt + S - 1;
-    if (nk < KT) {
-$issue_next
-    }
-    qmm_async_commit();
-    const int slot = kt % S;
-    // Row r of this group's scale/bias pairs holds element (n0 + wn*WTN + r) * G + kt*BK/GS.
-    tile.template mma_packed<BITS>(xs + slot * BM * BKP + wm * WTM * BKP,
-                                   wq + slot * BN * WP + wn * WTN * WP,
-                                   sb + slot * BN * 2 + wn * WTN * 2,
-                                   (n0 + wn * WTN) * G + (kt * BK) / GS, G);
-  }
-  tile.store(out, m0 + wm * WTM, n0 + wn * WTN, M, N);
-""")
-
 _DECODE_LOAD = """\
     $w[r][u] = qmm_zero4();
     $s[r][u] = 0.0f;
@@ -634,9 +519,6 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         key: Template(val).substitute(dev=dialect.dev, tg=dialect.tg)
         for key, val in (("load", _TILED_LOAD), ("store", _TILED_STORE))
     }
-    issue = Template(_STAGED_ISSUE)
-    snippets["issue_first"] = issue.substitute(tg=dialect.tg, step="p", slot="p")
-    snippets["issue_next"] = issue.substitute(tg=dialect.tg, step="nk", slot="nk % S")
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
@@ -644,8 +526,7 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         shared=dialect.shared, tg=dialect.tg, dev=dialect.dev, barrier=dialect.barrier,
         prologue=_indent_free(dialect.prologue), load=_indent_free(snippets["load"]),
         store=_indent_free(snippets["store"]), loadw=_indent_free(snippets["loadw"]),
-        loadn=_indent_free(snippets["loadn"]), issue_first=_indent_free(snippets["issue_first"]),
-        issue_next=_indent_free(snippets["issue_next"]), SIMD=SIMD, PAD=PAD, **values,
+        loadn=_indent_free(snippets["loadn"]), SIMD=SIMD, PAD=PAD, **values,
     )
 
 
@@ -674,16 +555,7 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
             f"language={language!r}: kernels are generated for {', '.join(DIALECTS)}"
         ) from None
     header = compact(dialect.layer())
-    if isinstance(config, TileConfig) and config.stages:
-        body = _render(
-            _STAGED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
-            WN=config.wn, S=config.stages, BITS=bits, GS=group_size,
-        )
-        stem = (
-            f"qmmperf_staged_{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
-            f"_s{config.stages}_b{bits}_g{group_size}_{language}"
-        )
-    elif isinstance(config, TileConfig):
+    if isinstance(config, TileConfig):
         body = _render(
             _TILED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
             WN=config.wn, BITS=bits, GS=group_size,

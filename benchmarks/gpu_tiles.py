@@ -1,15 +1,16 @@
 """Tile kernels at prefill sizes on a CUDA GPU: alone, next to cuBLAS, and checked through MLX.
 
     python benchmarks/gpu_tiles.py --out results/tiles --names tiled:128x64x64:wm4wn2 \
-        tiled:128x128:wm2wn4:s2
+        tiled:128x128:wm2wn4
 
 1. Kernel alone: each named configuration, for each Llama-3.2-3B projection
    and M in ``--m``, compiled through CuPy's NVRTC from the source MLX
    compiles, checked against a float32 reference computed by CuPy (4-bit,
    group 64, float16) and timed from a replayed CUDA graph of 50 launches
    over rotated weights (:func:`gpu_kernels.event_time`).  In the same run,
-   cuBLAS's float16 GEMM (launched one by one: CuPy cannot capture it) of the same (M, K) x (K, N) on dense weights: what
-   a kernel that dequantized for free would take at best.
+   cuBLAS's float16 GEMM of the same (M, K) x (K, N) on dense weights (launched
+   one by one: CuPy cannot capture it in a graph): what a kernel that
+   dequantized for free would take at best.
 2. Through MLX: every named configuration verified through the variant
    registry (``workloads.qmm.check_output``) on the Llama shapes at M = 33,
    161 and 512, awkward shapes (N and M not tile multiples, K at one

@@ -1,0 +1,136 @@
+"""Where does generation's round-to-round spread come from? Rounds under a few conditions.
+
+    python benchmarks/gpu_decode_spread.py --model llama-3.2-3b --prompt-tokens 10049 \
+        --gen-tokens 32 --rounds 8 --out results/decode_spread
+
+One process builds the model once (:class:`PrefillRunner`, as
+``qmm_bench.prefill`` does), makes its cold and warm-up runs, then measures
+rounds under each condition in turn (A B C A B C ...), so that drift of the
+machine hits them alike:
+
+* ``default``: a round as the plugin measures it (fresh KV cache, MLX's
+  buffer cache emptied first, garbage collector paused);
+* ``keep-cache``: the same without emptying MLX's buffer cache, so the
+  round's allocations are served from buffers freed by the last round;
+* ``pinned``: every thread of the process pinned to ``--cores`` for the
+  round (Linux ``sched_setaffinity``), so the host side of generation, which
+  dispatches each of a decode step's kernels, stays on the same cores.
+
+Reports each round's TTFT and gen tok/s and, per condition, the spread
+``(max - min) / median`` over its rounds.  Writes ``decode_spread.json``
+under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CONDITIONS = ("default", "keep-cache", "pinned")
+
+
+def spread_pct(values: list[float]) -> float:
+    return 100.0 * (max(values) - min(values)) / statistics.median(values)
+
+
+@contextlib.contextmanager
+def pinned(cores: set[int]) -> Iterator[None]:
+    """Every thread of this process on ``cores`` for the duration; restored afterwards."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    before = {t: os.sched_getaffinity(t) for t in tids}
+    for t in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(t, cores)
+    try:
+        yield
+    finally:
+        for t, mask in before.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(t, mask)
+
+
+@contextlib.contextmanager
+def buffer_cache_kept() -> Iterator[None]:
+    import mlx.core as mx
+
+    clear = mx.clear_cache
+    mx.clear_cache = lambda: None
+    try:
+        yield
+    finally:
+        mx.clear_cache = clear
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.2-3b")
+    parser.add_argument("--prompt-tokens", type=int, default=10049)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--variant", default="mlx")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per condition")
+    parser.add_argument("--cores", default="0-3", help="cores for the pinned condition")
+    parser.add_argument("--out", type=Path, default=Path("decode_spread_out"))
+    args = parser.parse_args(argv)
+    lo, _, hi = args.cores.partition("-")
+    cores = set(range(int(lo), int(hi or lo) + 1))
+
+    import mlx.core as mx
+
+    from pytest_qmmperf.hardware import backend_name
+    from pytest_qmmperf.timing import prefer_stream_order
+    from pytest_qmmperf.workloads.prefill import PrefillRunner, PrefillSpec
+
+    prefer_stream_order(backend_name(mx))
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    spec = PrefillSpec(model=args.model, prompt_tokens=args.prompt_tokens,
+                       gen_tokens=args.gen_tokens, variant=args.variant)
+    runner = PrefillRunner(spec, say)
+    runner.warmup()
+    rows: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        for cond in CONDITIONS:
+            ctx = (pinned(cores) if cond == "pinned" else buffer_cache_kept()
+                   if cond == "keep-cache" else contextlib.nullcontext())
+            with ctx:
+                result = runner.run_round()
+            rows.append({"condition": cond, "round": r + 1, **result,
+                         "decode_s": list(runner.last_timings["decode_s"])})
+            say(f"{cond:10s} round {r + 1}: TTFT {result['ttft_s']:.4f} s, gen "
+                f"{result['gen_tps']:.1f} tok/s, passes "
+                + " ".join(f"{d * 1e3:.1f}" for d in runner.last_timings["decode_s"]) + " ms")
+    summary = {}
+    for cond in CONDITIONS:
+        mine = [row for row in rows if row["condition"] == cond]
+        gen = [row["gen_tps"] for row in mine]
+        ttft = [row["ttft_s"] for row in mine]
+        summary[cond] = {"gen_tps_median": statistics.median(gen), "gen_spread_pct":
+                         spread_pct(gen), "ttft_median": statistics.median(ttft),
+                         "ttft_spread_pct": spread_pct(ttft)}
+        say(f"{cond:10s}: gen {summary[cond]['gen_tps_median']:.1f} tok/s spread "
+            f"{summary[cond]['gen_spread_pct']:.1f}%; TTFT {summary[cond]['ttft_median']:.4f} s "
+            f"spread {summary[cond]['ttft_spread_pct']:.1f}%")
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "mlx": mx.__version__, "command": " ".join(sys.argv), "cores": sorted(cores),
+              "cpu_count": os.cpu_count(), "rounds": rows, "summary": summary}
+    (args.out / "decode_spread.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

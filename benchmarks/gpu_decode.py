@@ -221,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     for (shape, M), r in sorted(best.items(), key=lambda kv: (list(gk.SHAPES).index(kv[0][0]),
                                                               kv[0][1])):
         default = "tiled:decode" if M == 1 else "tiled:skinny"
-        d = next(x for x in rows if (x["shape"], x["M"], x["variant"]) == (shape, M, default))
+        d = next((x for x in rows if (x["shape"], x["M"], x["variant"]) == (shape, M, default)),
+                 None)
+        if d is None:  # not among --names
+            log(f"{shape:8s} {M:3d} {r['floor_s'] * 1e6:8.2f} {default:>13s} not run  "
+                f"{r['variant']} {r['kernel_s'] * 1e6:.2f} us ({r['over_floor']:.2f}x)")
+            continue
         log(f"{shape:8s} {M:3d} {r['floor_s'] * 1e6:8.2f} {default:>13s} "
             f"{d['kernel_s'] * 1e6:7.2f} "
             f"({d['over_floor']:4.2f}x)  {r['variant']} {r['kernel_s'] * 1e6:.2f} us "

@@ -35,6 +35,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:decode:r2w8", DecodeConfig(2, 8)),
         ("tiled:decode:r2w8u4", DecodeConfig(2, 8, 4)),
         ("tiled:decode:r2w8u1", DecodeConfig(2, 8, 1)),
+        ("tiled:decode:r2w8k4", DecodeConfig(2, 8, 1, 4)),
+        ("tiled:decode:r1w8u2k8", DecodeConfig(1, 8, 2, 8)),
     ],
 )
 def test_parse_name(name, expected):
@@ -56,6 +58,9 @@ def test_parse_name(name, expected):
         ("tiled:decode:r2w8", "tiled:decode:r2w8"),
         ("tiled:decode:r2w8u1", "tiled:decode:r2w8"),
         ("tiled:decode:r1w4u8", "tiled:decode:r1w4u8"),
+        ("tiled:decode:r2w4u1k1", "tiled:decode"),
+        ("tiled:decode:r2w8k4", "tiled:decode:r2w8k4"),
+        ("tiled:decode:r2w8u2k2", "tiled:decode:r2w8u2k2"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -97,6 +102,8 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:decode:r4w64", "2048 threads, over the 1024-thread threadgroup limit"),
         ("tiled:decode:r4w4u4", "rows x vectors = 16 exceeds 8 16-byte vectors per lane"),
         ("tiled:decode:r1w4u0", "vectors=0 must be a positive integer"),
+        ("tiled:decode:r2w8k3", "warps=8 is not divisible by splits=3"),
+        ("tiled:decode:r2w4k0", "splits=0 must be a positive integer"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -299,6 +306,8 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         (DecodeConfig(4, 4), 1, 8192, (512 * 128, 1, 1), (128, 1, 1)),
         (DecodeConfig(4, 4), 9, 20, (2 * 128, 2, 1), (128, 1, 1)),
         (DecodeConfig(2, 8), 3, 100, (7 * 256, 1, 1), (256, 1, 1)),
+        # 8 warps in groups of 4 sharing rows: 2 x 2 rows a block
+        (DecodeConfig(2, 8, 1, 4), 1, 1024, (256 * 256, 1, 1), (256, 1, 1)),
         # 16 weight rows a block; 8 tokens a block up to M = 8, then 16
         (SkinnyConfig(8), 8, 3072, (192 * 256, 1, 1), (256, 1, 1)),
         (SkinnyConfig(4), 9, 40, (3 * 128, 1, 1), (128, 1, 1)),

@@ -36,7 +36,7 @@ CONFIGS = [parse_name(n) for n in (
     *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
-    "tiled:64x128:wm4wn4", "tiled:skinny:w4",
+    "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4",
 )]
 
 
@@ -208,6 +208,12 @@ EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 3), 8, 64, "float16", tok
                  QmmSpec(M=3, N=20, K=1088, bits=8, group_size=64)))
 EMULATED.append((emu.EmulatedKernel(DecodeConfig(1, 2, 5), 4, 32, "bfloat16", tokens=2),
                  QmmSpec(M=2, N=9, K=2112, bits=4, group_size=32, dtype="bfloat16")))
+# warps splitting K (groups of 4 and of 2 sharing rows): the warps' sums meet in
+# threadgroup memory; one token, and several with K short of one step per warp
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 8, 1, 4), 4, 32, "float16", tokens=1),
+                 QmmSpec(M=1, N=40, K=1088, bits=4, group_size=32)))
+EMULATED.append((emu.EmulatedKernel(DecodeConfig(1, 4, 2, 2), 8, 64, "bfloat16", tokens=8),
+                 QmmSpec(M=7, N=9, K=192, bits=8, group_size=64, dtype="bfloat16")))
 # one token (the per-group sums form) at 8 bits, last step partial
 EMULATED.append((emu.EmulatedKernel(DecodeConfig(2, 2, 2), 8, 128, "float16", tokens=1),
                  QmmSpec(M=1, N=21, K=1152, bits=8, group_size=128)))

@@ -7,7 +7,7 @@ verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
 Names::
 
     tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
-    tiled:decode[:rRwW[uU]]              the one-token kernel on its own, e.g. tiled:decode:r2w4u4
+    tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
     tiled:skinny[:wW]                    the few-token tensor-core kernel, e.g. tiled:skinny:w4
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
@@ -65,11 +65,11 @@ DECODE_MAX_TOKENS = 8
 MAX_DECODE_VECTORS = 8
 #: Weight rows a decode warp takes at most: at 8 tokens, 8 rows spill on sm_90a.
 MAX_DECODE_ROWS = 4
-#: The decode kernel's (rows, warps, vectors) when not named: ``tiled:decode``.
+#: The decode kernel's (rows, warps, vectors, splits) when not named: ``tiled:decode``.
 #: (2, 4, 1) was the fastest of the 18 configurations tried over the
 #: Llama-3.2-3B projections at M = 1, 8 and 16 on the H100 (docs/PERFORMANCE.md,
 #: section 6c); more vectors per lane did not help there.
-DECODE_DEFAULT = (2, 4, 1)
+DECODE_DEFAULT = (2, 4, 1, 1)
 
 #: Quantization settings the kernels implement (affine mode only).
 BITS = (4, 8)
@@ -100,21 +100,31 @@ class DecodeConfig:
 
     Every lane reads ``vectors`` 16-byte weight vectors per row per step and
     prefetches the next step's, so a warp has up to ``2 x rows x vectors x
-    512`` bytes in flight; the whole K of a row is shared by the 32 lanes of
-    one warp (reduced with a SIMD sum).  A matrix-vector product is bound by
-    how many bytes are in flight per SM, and with few rows (N) and a long K
-    only ``vectors`` raises that.
+    512`` bytes in flight; the K of a row is shared by the 32 lanes of one
+    warp (reduced with a SIMD sum), or with ``splits`` > 1 by that many
+    warps of the block, each taking every ``splits``-th step (their sums
+    meet in threadgroup memory).  A matrix-vector product is bound by how
+    many bytes are in flight per SM and by how many steps each warp waits
+    for one after another; with few rows (N) and a long K, ``vectors`` raises
+    the first and ``splits`` cuts the second.
     """
 
     rows: int = DECODE_DEFAULT[0]
     warps: int = DECODE_DEFAULT[1]
     vectors: int = DECODE_DEFAULT[2]
+    splits: int = DECODE_DEFAULT[3]
 
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "rows", self.rows)
         _positive(name, "warps", self.warps)
         _positive(name, "vectors", self.vectors)
+        _positive(name, "splits", self.splits)
+        if self.warps % self.splits:
+            raise TileError(
+                f"{name}: warps={self.warps} is not divisible by splits={self.splits} (each "
+                "group of `splits` warps shares the same rows)"
+            )
         if self.rows > MAX_DECODE_ROWS:
             raise TileError(
                 f"{name}: rows={self.rows} exceeds {MAX_DECODE_ROWS} rows per warp (register "
@@ -134,18 +144,19 @@ class DecodeConfig:
 
     @property
     def rows_per_block(self) -> int:
-        return self.rows * self.warps
+        return self.rows * self.warps // self.splits
 
     @property
     def name(self) -> str:
-        if (self.rows, self.warps, self.vectors) == DECODE_DEFAULT:
+        if (self.rows, self.warps, self.vectors, self.splits) == DECODE_DEFAULT:
             return f"{FAMILY}:decode"
         name = f"{FAMILY}:decode:r{self.rows}w{self.warps}"
-        return name + (f"u{self.vectors}" if self.vectors != 1 else "")
+        name += f"u{self.vectors}" if self.vectors != 1 else ""
+        return name + (f"k{self.splits}" if self.splits != 1 else "")
 
     def params(self) -> dict[str, Any]:
         return {"kernel": "decode", "rows": self.rows, "warps": self.warps,
-                "vectors": self.vectors}
+                "vectors": self.vectors, "splits": self.splits}
 
 
 @dataclass(frozen=True)
@@ -321,11 +332,11 @@ _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+))?$")
-_DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?)?$")
+_DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS]] or {FAMILY}:skinny[:wWARPS]"
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS]"
 )
 
 
@@ -352,7 +363,8 @@ def parse_name(name: str) -> KernelConfig:
     if m:
         if m["r"] is None:
             return DecodeConfig()
-        return DecodeConfig(rows=int(m["r"]), warps=int(m["w"]), vectors=int(m["u"] or 1))
+        return DecodeConfig(rows=int(m["r"]), warps=int(m["w"]), vectors=int(m["u"] or 1),
+                            splits=int(m["k"] or 1))
     raise TileError(f"{name!r}: cannot parse the parameters; expected {GRAMMAR}")
 
 

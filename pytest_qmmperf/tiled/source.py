@@ -242,21 +242,25 @@ _DECODE_LOAD = """\
     }"""
 
 _DECODE_BODY = Template("""\
-  // Warp `warp` of block bx computes out[by*MR : +MR, n0 : n0+R]. Its 32
-  // lanes split K: each step a lane reads U 16-byte vectors (V weights
-  // each, all in one quantization group; vector u at u * SPAN past the
-  // lane's k, so the warp's reads stay contiguous) of each of the R rows,
-  // dequantizes them and multiplies them with the matching V activations of
-  // every token; the lanes' partial sums meet in a SIMD sum at the end.
+  // The NW warps of block bx form NW / KS groups of KS warps; group `grp`
+  // computes out[by*MR : +MR, n0 : n0+R], its warp `part` taking every
+  // KS-th step of K. Its 32 lanes split a step: a lane reads U 16-byte
+  // vectors (V weights each, all in one quantization group; vector u at
+  // u * SPAN past the lane's k, so the warp's reads stay contiguous) of
+  // each of the R rows, dequantizes them and multiplies them with the
+  // matching V activations of every token; the lanes' partial sums meet in
+  // a SIMD sum, the group's warps' in threadgroup memory.
   constexpr int R = $R;
   constexpr int NW = $NW;
   constexpr int U = $U;
+  constexpr int KS = $KS;
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
   constexpr int V = 128 / BITS;
   constexpr int SPAN = $SIMD * V;
   constexpr int STEP = SPAN * U;
+  constexpr int STRIDE = STEP * KS;
   // Weights are read as f = 1 + q / 2^BITS (the layer's qmm_unit), and
   // s * q + b = sp * f + bp with sp = s * 2^BITS, bp = b - sp.
   // One token (M = 1) applies sp and bp once per group to sum(f * x) and
@@ -268,7 +272,9 @@ _DECODE_BODY = Template("""\
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
-  const int n0 = (bx * NW + int(warp)) * R;
+  const int grp = int(warp) / KS;
+  const int part = int(warp) % KS;
+  const int n0 = (bx * (NW / KS) + grp) * R;
   const int m0 = by * MR;
 
   float acc[MR][R];
@@ -285,7 +291,7 @@ $prologue
   uint4 wv[R][U];
   float s[R][U];
   float b[R][U];
-  int k = int(lane) * V;
+  int k = part * STEP + int(lane) * V;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -293,11 +299,11 @@ $prologue
 $loadw
     }
   }
-  for (; k < K; k += STEP) {
+  for (; k < K; k += STRIDE) {
     uint4 wn[R][U];
     float sn[R][U];
     float bn[R][U];
-    const int kn = k + STEP;
+    const int kn = k + STRIDE;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -399,12 +405,32 @@ $loadn
     }
   }
 
+  $shared float red[NW * MR * R];
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float total = qmm_warp_sum(acc[m][r]);
-      if (lane == 0u && m0 + m < M && n0 + r < N) {
+      if (KS == 1) {
+        if (lane == 0u && m0 + m < M && n0 + r < N) {
+          out[size_t(m0 + m) * size_t(N) + size_t(n0 + r)] = static_cast<T>(total);
+        }
+      } else if (lane == 0u) {
+        red[(int(warp) * MR + m) * R + r] = total;
+      }
+    }
+  }
+  if (KS > 1) {
+    // The group's warps' sums, added in a fixed order by its first warp.
+    $barrier;
+    if (part == 0 && int(lane) < MR * R) {
+      const int m = int(lane) / R;
+      const int r = int(lane) % R;
+      float total = 0.0f;
+      for (int q = 0; q < KS; ++q) {
+        total += red[((int(warp) + q) * MR + m) * R + r];
+      }
+      if (m0 + m < M && n0 + r < N) {
         out[size_t(m0 + m) * size_t(N) + size_t(n0 + r)] = static_cast<T>(total);
       }
     }
@@ -569,10 +595,10 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         stem = f"qmmperf_skinny_w{config.warps}_b{bits}_g{group_size}_{language}"
     elif isinstance(config, DecodeConfig):
         body = _render(
-            _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors, BITS=bits,
-            GS=group_size,
+            _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors,
+            KS=config.splits, BITS=bits, GS=group_size,
         )
-        stem = (f"qmmperf_decode_r{config.rows}w{config.warps}u{config.vectors}"
+        stem = (f"qmmperf_decode_r{config.rows}w{config.warps}u{config.vectors}k{config.splits}"
                 f"_b{bits}_g{group_size}_{language}")
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")

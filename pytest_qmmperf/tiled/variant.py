@@ -175,8 +175,10 @@ def describe(config: KernelConfig) -> str:
                 f"{'/'.join(DTYPES)} (Metal, CUDA)")
     if isinstance(config, DecodeConfig):
         vectors = f"{config.vectors} 16-byte vector" + ("s" if config.vectors != 1 else "")
+        split = (f" ({config.splits} warps splitting each row's K)" if config.splits > 1
+                 else "")
         return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {vectors} per "
-                f"row and lane a step, {config.warps} warps a block; "
+                f"row and lane a step, {config.warps} warps a block{split}; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
             f"{config.wm}x{config.wn} SIMD groups, decode/skinny kernels for M <= "

@@ -37,6 +37,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:decode:r2w8u1", DecodeConfig(2, 8, 1)),
         ("tiled:decode:r2w8k4", DecodeConfig(2, 8, 1, 4)),
         ("tiled:decode:r1w8u2k8", DecodeConfig(1, 8, 2, 8)),
+        ("tiled:skinny:w8r2", SkinnyConfig(8, 2)),
+        ("tiled:skinny:w4", SkinnyConfig(4, 1)),
     ],
 )
 def test_parse_name(name, expected):
@@ -61,6 +63,8 @@ def test_parse_name(name, expected):
         ("tiled:decode:r2w4u1k1", "tiled:decode"),
         ("tiled:decode:r2w8k4", "tiled:decode:r2w8k4"),
         ("tiled:decode:r2w8u2k2", "tiled:decode:r2w8u2k2"),
+        ("tiled:skinny:w8r1", "tiled:skinny"),
+        ("tiled:skinny:w16r2", "tiled:skinny:w16r2"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -104,6 +108,9 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:decode:r1w4u0", "vectors=0 must be a positive integer"),
         ("tiled:decode:r2w8k3", "warps=8 is not divisible by splits=3"),
         ("tiled:decode:r2w4k0", "splits=0 must be a positive integer"),
+        ("tiled:skinny:w8r5", "rows=5 exceeds 4 16-row fragments per warp"),
+        ("tiled:skinny:w32", "1024 threads x about 96 registers each exceed the 65536"),
+        ("tiled:skinny:w8r0", "rows=0 must be a positive integer"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -312,6 +319,9 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         (SkinnyConfig(8), 8, 3072, (192 * 256, 1, 1), (256, 1, 1)),
         (SkinnyConfig(4), 9, 40, (3 * 128, 1, 1), (128, 1, 1)),
         (SkinnyConfig(4), 33, 16, (128, 3, 1), (128, 1, 1)),
+        # two 16-row fragments a block
+        (SkinnyConfig(8, 2), 16, 8192, (256 * 256, 1, 1), (256, 1, 1)),
+        (SkinnyConfig(4, 3), 3, 100, (3 * 128, 1, 1), (128, 1, 1)),
     ],
 )
 def test_launch_geometry(config, M, N, grid, threadgroup):

@@ -36,7 +36,8 @@ CONFIGS = [parse_name(n) for n in (
     *PRESETS, "tiled:128x64x64:wm4wn2", "tiled:64x128x64:wm2wn4",
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
-    "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4",
+    "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
+    "tiled:skinny:w16r2", "tiled:skinny:w8r4",
 )]
 
 
@@ -223,6 +224,9 @@ EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2), 8, 32, "bfloat16", tokens=3
                  QmmSpec(M=3, N=24, K=416, bits=8, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(SkinnyConfig(3), 4, 32, "float16", tokens=21),
                  QmmSpec(M=21, N=40, K=96, bits=4, group_size=32)))
+# several 16-row fragments a warp, N ending inside the last one
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3), 8, 128, "bfloat16", tokens=13),
+                 QmmSpec(M=13, N=100, K=384, bits=8, group_size=128, dtype="bfloat16")))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))

@@ -167,17 +167,19 @@ struct QmmWarpTile {
   }
 };
 
-// The skinny kernel's fragments: 16 weight rows x 8 * TILES tokens per warp.
-// Lane (g = lane / 4, t = lane % 4) owns rows g and g + 8 and, of each
-// 128-k super-step, k = 32t .. 32t + 31 ("chunk" t), for the weights and for
-// its tokens g (+ 8i). mma step s (of 8) gives m16n8k16's k slots 2t, 2t+1
-// the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1, in A (weights)
-// and B (x) alike, so each lane only uses data it loaded itself.
-template <typename T, int TILES>
+// The skinny kernel's fragments: RF fragments of 16 weight rows x 8 * TILES
+// tokens per warp. Lane (g = lane / 4, t = lane % 4) owns rows g and g + 8 of
+// each fragment and, of each 128-k super-step, k = 32t .. 32t + 31 ("chunk"
+// t), for the weights and for its tokens g (+ 8i). mma step s (of 8) gives
+// m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its
+// pair 2s+1, in A (weights) and B (x) alike, so each lane only uses data it
+// loaded itself; the x it loads serves all RF fragments.
+template <typename T, int TILES, int RF>
 struct QmmSkinny {
-  float acc[TILES][4];
+  static constexpr int ACC = 4 * TILES;  // accumulators per fragment
+  float acc[RF][TILES][4];
   uint32_t xw[TILES][16];  // the chunk's x of token g + 8i, as 16 pairs
-  int row;                 // g: rows row and row + 8
+  int row;                 // g: rows row and row + 8 of each fragment
   int chunk;               // t
   int g;
   int t;
@@ -188,10 +190,13 @@ struct QmmSkinny {
     row = g;
     chunk = t;
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) {
+    for (int f = 0; f < RF; ++f) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[i][e] = 0.0f;
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[f][i][e] = 0.0f;
+        }
       }
     }
   }
@@ -217,23 +222,29 @@ struct QmmSkinny {
     }
   }
 
-  // pa/pb: the chunk's 16 pairs of weight rows g and g + 8, packed T.
-  __device__ __forceinline__ void mma(const uint32_t (&pa)[16], const uint32_t (&pb)[16]) {
+  // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows g and g + 8, packed T.
+  __device__ __forceinline__ void mma(int f, const uint32_t (&pa)[16], const uint32_t (&pb)[16]) {
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const uint32_t a[4] = {pa[2 * s], pb[2 * s], pa[2 * s + 1], pb[2 * s + 1]};
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
         const uint32_t b[2] = {xw[i][2 * s], xw[i][2 * s + 1]};
-        QmmMma<T>::run(acc[i], a, b);
+        QmmMma<T>::run(acc[f][i], a, b);
       }
     }
   }
 
-  // Accumulator e (0 .. 4 * TILES - 1): its value, token and weight row in the block.
-  __device__ __forceinline__ float value(int e) const { return acc[e / 4][e % 4]; }
-  __device__ __forceinline__ int token(int e) const { return 8 * (e / 4) + 2 * t + (e & 1); }
-  __device__ __forceinline__ int out_row(int e) const { return g + 8 * ((e % 4) >> 1); }
+  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
+  __device__ __forceinline__ float value(int e) const {
+    return acc[e / ACC][(e % ACC) / 4][e % 4];
+  }
+  __device__ __forceinline__ int token(int e) const {
+    return 8 * ((e % ACC) / 4) + 2 * t + (e & 1);
+  }
+  __device__ __forceinline__ int out_row(int e) const {
+    return 16 * (e / ACC) + g + 8 * ((e % 4) >> 1);
+  }
 };
 
 #endif  // QMMPERF_CUDA_QMM_LAYER

@@ -140,17 +140,19 @@ struct QmmWarpTile {
   }
 };
 
-// The skinny kernel's fragments: 16 weight rows x 8 * TILES tokens per SIMD
-// group, as 8x8 simdgroup matrices: A = weights (rows x k; rows 0-7 and
+// The skinny kernel's fragments: RF fragments of 16 weight rows x 8 * TILES
+// tokens per SIMD group, as 8x8 simdgroup matrices: A = weights (rows x k; rows 0-7 and
 // 8-15), B = x.T (k x tokens), C = rows x tokens. Lane (fm, fn) owns weight
 // rows fm and fm + 8 at chunk fn / 2 of each 128-k super-step (k = 32 * chunk
 // .. +31). Step s (of 16) gives A's k slot 2c + e the chunk's value 2s + e;
 // B's slot r is then value 2s + r % 2 of chunk r / 2, which lane (fm, fn)
 // loads for its tokens fn and fn + 1. The same idea as the CUDA layer's
-// QmmSkinny, with Metal's fragment layout.
-template <typename T, int TILES>
+// QmmSkinny, with Metal's fragment layout; the x a lane loads serves all RF
+// fragments.
+template <typename T, int TILES, int RF>
 struct QmmSkinny {
-  simdgroup_matrix<float, 8, 8> acc[TILES][2];
+  static constexpr int ACC = 4 * TILES;  // accumulators per fragment
+  simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
   uint32_t xa[TILES][16];  // token fn of fragment i, chunk fm / 2, as pairs
   uint32_t xb[TILES][16];  // token fn + 1
   int row;
@@ -163,11 +165,14 @@ struct QmmSkinny {
     row = fm;
     chunk = fn / 2;
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) {
+    for (int f = 0; f < RF; ++f) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        acc[i][h].thread_elements()[0] = 0.0f;
-        acc[i][h].thread_elements()[1] = 0.0f;
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          acc[f][i][h].thread_elements()[0] = 0.0f;
+          acc[f][i][h].thread_elements()[1] = 0.0f;
+        }
       }
     }
   }
@@ -198,7 +203,8 @@ struct QmmSkinny {
     }
   }
 
-  inline void mma(thread const uint32_t (&pa)[16], thread const uint32_t (&pb)[16]) {
+  // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows fm and fm + 8, packed T.
+  inline void mma(int f, thread const uint32_t (&pa)[16], thread const uint32_t (&pb)[16]) {
 #pragma unroll
     for (int s = 0; s < 16; ++s) {
       simdgroup_matrix<float, 8, 8> a0;
@@ -212,16 +218,18 @@ struct QmmSkinny {
         simdgroup_matrix<float, 8, 8> b;
         b.thread_elements()[0] = (fm % 2 == 0) ? qmm_lo<T>(xa[i][s]) : qmm_hi<T>(xa[i][s]);
         b.thread_elements()[1] = (fm % 2 == 0) ? qmm_lo<T>(xb[i][s]) : qmm_hi<T>(xb[i][s]);
-        simdgroup_multiply_accumulate(acc[i][0], a0, b, acc[i][0]);
-        simdgroup_multiply_accumulate(acc[i][1], a1, b, acc[i][1]);
+        simdgroup_multiply_accumulate(acc[f][i][0], a0, b, acc[f][i][0]);
+        simdgroup_multiply_accumulate(acc[f][i][1], a1, b, acc[f][i][1]);
       }
     }
   }
 
-  // Accumulator e (0 .. 4 * TILES - 1): its value, token and weight row in the block.
-  inline float value(int e) { return acc[e / 4][(e % 4) / 2].thread_elements()[e % 2]; }
-  inline int token(int e) const { return 8 * (e / 4) + fn + (e % 2); }
-  inline int out_row(int e) const { return fm + 8 * ((e % 4) / 2); }
+  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
+  inline float value(int e) {
+    return acc[e / ACC][(e % ACC) / 4][(e % 4) / 2].thread_elements()[e % 2];
+  }
+  inline int token(int e) const { return 8 * ((e % ACC) / 4) + fn + (e % 2); }
+  inline int out_row(int e) const { return 16 * (e / ACC) + fm + 8 * ((e % 4) / 2); }
 };
 
 #endif  // QMMPERF_METAL_QMM_LAYER

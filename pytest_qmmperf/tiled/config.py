@@ -8,7 +8,7 @@ Names::
 
     tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
     tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
-    tiled:skinny[:wW]                    the few-token tensor-core kernel, e.g. tiled:skinny:w4
+    tiled:skinny[:wW[rR]]                the few-token tensor-core kernel, e.g. tiled:skinny:w4r2
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
@@ -57,6 +57,8 @@ DEFAULT_DECODE_MAX_M = 16
 #: Tokens per skinny block at most (two 8-token fragments); larger M is split
 #: over the grid's y axis.
 SKINNY_MAX_TOKENS = 16
+#: 16-row weight fragments a skinny warp takes at most.
+MAX_SKINNY_ROWS = 4
 #: K one skinny super-step covers: 4 lanes x 32 consecutive k each.
 SKINNY_STEP_K = 128
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
@@ -168,33 +170,66 @@ class SkinnyConfig:
     an order of k that is the same for both operands (a sum over k does not
     care), so no lane waits for another's data; the warps' partial sums meet
     in threadgroup memory.  Dequantization costs the same at 1 token as at
-    16, so from 2 tokens on it beats the decode kernel.
+    16, so from 2 tokens on it beats the decode kernel.  With ``rows`` > 1
+    a block takes ``rows`` x 16 weight rows and each lane reuses its tokens'
+    activations for all of them, so x is read from L2 ``rows`` times less.
     """
 
     warps: int = 8
+    rows: int = 1
 
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "warps", self.warps)
+        _positive(name, "rows", self.rows)
         _check_warps(name, self.warps)
+        if self.rows > MAX_SKINNY_ROWS:
+            raise TileError(
+                f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
+                "(register budget: each holds its packed weights and accumulators)"
+            )
+        if self.threads * self.registers > REGISTERS_PER_BLOCK:
+            raise TileError(
+                f"{name}: {self.threads} threads x about {self.registers} registers each exceed "
+                f"the {REGISTERS_PER_BLOCK} registers of a CUDA block (refused at launch); use "
+                "fewer warps or rows"
+            )
+        if self.shared_bytes > TG_MEMORY_LIMIT:
+            raise TileError(
+                f"{name}: needs {self.shared_bytes} bytes of threadgroup memory (warps x rows x "
+                f"32 lanes x 8 partial sums), over the {TG_MEMORY_LIMIT}-byte limit of Apple "
+                "GPUs"
+            )
 
     @property
     def threads(self) -> int:
         return SIMD * self.warps
 
     @property
+    def rows_per_block(self) -> int:
+        return FRAG_ROWS * self.rows
+
+    @property
+    def registers(self) -> int:
+        """Registers per thread, as ptxas allocates them for sm_90a at 8 bits (the widest):
+        95, 128 and 224 measured at 1, 2 and 4 rows."""
+        return 64 + 32 * self.rows + (32 if self.rows >= 3 else 0)
+
+    @property
     def shared_bytes(self) -> int:
-        """The warps' partial sums: 4 floats per lane and 8-token fragment, two fragments."""
-        return self.warps * SIMD * 4 * 2 * 4
+        """The warps' partial sums: 4 floats per lane and 8-token fragment, two token
+        fragments, each 16-row fragment."""
+        return self.warps * self.rows * SIMD * 4 * 2 * 4
 
     @property
     def name(self) -> str:
-        if self.warps == SkinnyConfig.__dataclass_fields__["warps"].default:
+        default = SkinnyConfig.__dataclass_fields__
+        if (self.warps, self.rows) == (default["warps"].default, default["rows"].default):
             return f"{FAMILY}:skinny"
-        return f"{FAMILY}:skinny:w{self.warps}"
+        return f"{FAMILY}:skinny:w{self.warps}" + (f"r{self.rows}" if self.rows != 1 else "")
 
     def params(self) -> dict[str, Any]:
-        return {"kernel": "skinny", "warps": self.warps}
+        return {"kernel": "skinny", "warps": self.warps, "rows": self.rows}
 
 
 @dataclass(frozen=True)
@@ -331,12 +366,12 @@ KernelConfig = TileConfig | DecodeConfig | SkinnyConfig
 _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
 )
-_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+))?$")
+_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS]"
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]]"
 )
 
 
@@ -358,7 +393,9 @@ def parse_name(name: str) -> KernelConfig:
         )
     m = _SKINNY_RE.match(rest)
     if m:
-        return SkinnyConfig() if m["w"] is None else SkinnyConfig(warps=int(m["w"]))
+        if m["w"] is None:
+            return SkinnyConfig()
+        return SkinnyConfig(warps=int(m["w"]), rows=int(m["r"] or 1))
     m = _DECODE_RE.match(rest)
     if m:
         if m["r"] is None:

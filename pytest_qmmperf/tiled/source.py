@@ -439,28 +439,30 @@ $loadn
 
 
 _SKINNY_BODY = Template("""\
-  // Block bx computes out[by*TOK : +TOK, bx*16 : +16] with TOK = 8 * TILES
-  // tokens. Its warps split K in super-steps of 128: warp w takes steps w,
-  // w + W, ... In a step, lane (row r, chunk c) of the layer's QmmSkinny reads
-  // k = step + 32c .. +31 of weight rows r and r + 8 (16-byte vectors, one
+  // Block bx computes out[by*TOK : +TOK, bx*16*RF : +16*RF] with TOK = 8 *
+  // TILES tokens, as RF fragments of 16 weight rows. Its warps split K in
+  // super-steps of 128: warp w takes steps w, w + W, ... In a step, lane
+  // (row r, chunk c) of the layer's QmmSkinny reads k = step + 32c .. +31 of
+  // weight rows r and r + 8 of every fragment (16-byte vectors, one
   // quantization group) and dequantizes them into pairs of T; the layer
-  // loads the x it needs and feeds both to the matrix unit, in an order of k
-  // that both operands share (a sum over k does not care). The warps' partial sums meet in
-  // threadgroup memory; warp 0 writes out.
+  // loads the x it needs once for all fragments and feeds both to the matrix
+  // unit, in an order of k that both operands share (a sum over k does not
+  // care). The warps' partial sums meet in threadgroup memory; warp 0 writes out.
   constexpr int W = $W;
+  constexpr int RF = $RF;
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
   constexpr int CW = BITS;  // 32-bit words holding 32 values
   constexpr float QSCALE = float(1 << BITS);
-  constexpr int ACC = 4 * TILES;
+  constexpr int ACC = 4 * TILES * RF;
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
-  const int n0 = bx * 16;
+  const int n0 = bx * 16 * RF;
   const int m0 = by * 8 * TILES;
 
-  QmmSkinny<T, TILES> sk;
+  QmmSkinny<T, TILES, RF> sk;
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
@@ -468,51 +470,57 @@ $prologue
     const bool live = k < K;
     // Every load of the step first (weights, their group's terms, x), so
     // that their latencies overlap; then dequantize and multiply.
-    uint32_t wv[2][CW];
-    float sp[2];
-    float bp[2];
+    uint32_t wv[RF][2][CW];
+    float sp[RF][2];
+    float bp[RF][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = n0 + sk.row + 8 * h;
+    for (int f = 0; f < RF; ++f) {
 #pragma unroll
-      for (int i = 0; i < CW; i += 4) {
-        uint4 v = qmm_zero4();
-        if (live && row < N) {
-          v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+      for (int h = 0; h < 2; ++h) {
+        const int row = n0 + 16 * f + sk.row + 8 * h;
+#pragma unroll
+        for (int i = 0; i < CW; i += 4) {
+          uint4 v = qmm_zero4();
+          if (live && row < N) {
+            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+          }
+          wv[f][h][i] = qmm_word(v, 0);
+          wv[f][h][i + 1] = qmm_word(v, 1);
+          wv[f][h][i + 2] = qmm_word(v, 2);
+          wv[f][h][i + 3] = qmm_word(v, 3);
         }
-        wv[h][i] = qmm_word(v, 0);
-        wv[h][i + 1] = qmm_word(v, 1);
-        wv[h][i + 2] = qmm_word(v, 2);
-        wv[h][i + 3] = qmm_word(v, 3);
-      }
-      sp[h] = 0.0f;
-      bp[h] = 0.0f;
-      if (live && row < N) {
-        const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-        sp[h] = float(scales[g]) * QSCALE;
-        bp[h] = float(biases[g]) - sp[h];
+        sp[f][h] = 0.0f;
+        bp[f][h] = 0.0f;
+        if (live && row < N) {
+          const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
+          sp[f][h] = float(scales[g]) * QSCALE;
+          bp[f][h] = float(biases[g]) - sp[f][h];
+        }
       }
     }
     sk.load_x(x, m0, ks, K, M);
-    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit)
-    uint32_t pa[16];
-    uint32_t pb[16];
 #pragma unroll
-    for (int p = 0; p < 16; ++p) {
-      float f[2][2];
+    for (int f = 0; f < RF; ++f) {
+      // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit)
+      uint32_t pa[16];
+      uint32_t pb[16];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int p = 0; p < 16; ++p) {
+        float v[2][2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 2 * p + e;
-          const uint32_t word = wv[h][j / PACK];
-          f[h][e] = sp[h] * qmm_unit<BITS>(word, j % PACK) + bp[h];
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = 2 * p + e;
+            const uint32_t word = wv[f][h][j / PACK];
+            v[h][e] = sp[f][h] * qmm_unit<BITS>(word, j % PACK) + bp[f][h];
+          }
         }
+        pa[p] = qmm_pack<T>(v[0][0], v[0][1]);
+        pb[p] = qmm_pack<T>(v[1][0], v[1][1]);
       }
-      pa[p] = qmm_pack<T>(f[0][0], f[0][1]);
-      pb[p] = qmm_pack<T>(f[1][0], f[1][1]);
+      sk.mma(f, pa, pb);
     }
-    sk.mma(pa, pb);
   }
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
@@ -591,8 +599,9 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
             f"_b{bits}_g{group_size}_{language}"
         )
     elif isinstance(config, SkinnyConfig):
-        body = _render(_SKINNY_BODY, dialect, W=config.warps, BITS=bits, GS=group_size)
-        stem = f"qmmperf_skinny_w{config.warps}_b{bits}_g{group_size}_{language}"
+        body = _render(_SKINNY_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
+                       GS=group_size)
+        stem = f"qmmperf_skinny_w{config.warps}r{config.rows}_b{bits}_g{group_size}_{language}"
     elif isinstance(config, DecodeConfig):
         body = _render(
             _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors,
@@ -646,7 +655,7 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     if isinstance(config, TileConfig):
         blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm))
     elif isinstance(config, SkinnyConfig):
-        blocks = (_ceil_div(N, 16), _ceil_div(M, 8 * skinny_tiles(M)))
+        blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, 8 * skinny_tiles(M)))
     else:
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, decode_tokens(M)))
     return (blocks[0] * threads, blocks[1], 1), (threads, 1, 1)

@@ -170,7 +170,8 @@ class TiledQmm:
 def describe(config: KernelConfig) -> str:
     """One line for ``qmmperf variants``."""
     if isinstance(config, SkinnyConfig):
-        return (f"{FAMILY} skinny kernel: 16 weight rows x up to 16 tokens a block on the "
+        return (f"{FAMILY} skinny kernel: {config.rows_per_block} weight rows x up to 16 "
+                f"tokens a block on the "
                 f"matrix units, {config.warps} warps splitting K; affine bits 4/8, "
                 f"{'/'.join(DTYPES)} (Metal, CUDA)")
     if isinstance(config, DecodeConfig):

@@ -316,10 +316,33 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     xs = cp.array([M, K], dtype=cp.int32)
     wsh = cp.array([N, K * bits // 32], dtype=cp.int32)
 
-    def launch(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
-        fn(blocks, tg, (x, xs, w, wsh, scales, biases, out))
+    if src.output_dtype is None:
+        def launch(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
+            fn(blocks, tg, (x, xs, w, wsh, scales, biases, out))
 
-    return launch
+        return launch
+
+    # A tile split over K writes float32 planes; add them into out, as the
+    # variant does through MLX (one more kernel, timed with it).
+    splits = config.splits  # type: ignore[union-attr]
+    planes = cp.empty((splits, M, N), dtype=cp.float32)
+    add = cp.RawKernel(r"""
+#include <cuda_fp16.h>
+extern "C" __global__ void add_planes(const float* p, __half* out, int n, int planes) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    float v = 0.0f;
+    for (int s = 0; s < planes; ++s) v += p[(size_t)s * n + i];
+    out[i] = __float2half_rn(v);
+  }
+}""", "add_planes")
+    count = M * N
+
+    def launch_split(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
+        fn(blocks, tg, (x, xs, w, wsh, scales, biases, planes))
+        add(((count + 255) // 256,), (256,), (planes, out, cp.int32(count), cp.int32(splits)))
+
+    return launch_split
 
 
 def event_time(launch: Any, operand_sets: list[tuple[Any, ...]], count: int = 50,

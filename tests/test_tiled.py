@@ -30,6 +30,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:160x32x32:wm4wn1", TileConfig(160, 32, 32, 4, 1)),
         ("tiled:64x64x64:wm2wn2", TileConfig(64, 64, 64, 2, 2)),
         ("tiled:32x32:wm2wn2:d0", TileConfig(32, 32, 32, 2, 2, decode_max_m=0)),
+        ("tiled:96x64x64:wm4wn2:k4", TileConfig(96, 64, 64, 4, 2, splits=4)),
+        ("tiled:32x32:wm2wn2:k2:d0", TileConfig(32, 32, 32, 2, 2, decode_max_m=0, splits=2)),
         ("tiled:decode", DecodeConfig(2, 4)),
         ("tiled:decode:r4w4", DecodeConfig(4, 4)),
         ("tiled:decode:r2w8", DecodeConfig(2, 8)),
@@ -64,6 +66,8 @@ def test_parse_name(name, expected):
         ("tiled:decode:r2w8k4", "tiled:decode:r2w8k4"),
         ("tiled:decode:r2w8u2k2", "tiled:decode:r2w8u2k2"),
         ("tiled:skinny:w8r1", "tiled:skinny"),
+        ("tiled:64x64:wm2wn2:k1", "tiled:64x64:wm2wn2"),
+        ("tiled:64x64:wm2wn2:k3:d8", "tiled:64x64:wm2wn2:k3:d8"),
         ("tiled:skinny:w16r2", "tiled:skinny:w16r2"),
     ],
 )
@@ -111,6 +115,8 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:skinny:w8r5", "rows=5 exceeds 4 16-row fragments per warp"),
         ("tiled:skinny:w32", "1024 threads x about 96 registers each exceed the 65536"),
         ("tiled:skinny:w8r0", "rows=0 must be a positive integer"),
+        ("tiled:64x64:wm2wn2:k0", "splits=0 must be a positive integer"),
+        ("tiled:64x64:wm2wn2:k17", "splits=17 exceeds 16 blocks per output tile"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -310,6 +316,8 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         (TileConfig(160, 32, 32, 4, 1), 33, 40, (2 * 128, 1, 1), (128, 1, 1)),
         (TileConfig(32, 32, 32, 2, 2), 8192, 3072, (96 * 128, 256, 1), (128, 1, 1)),
         (TileConfig(128, 64, 64, 4, 2), 129, 64, (256, 2, 1), (256, 1, 1)),
+        # K split 4 ways: the y axis walks M's blocks once per part of K
+        (TileConfig(128, 64, 64, 4, 2, splits=4), 129, 3072, (48 * 256, 8, 1), (256, 1, 1)),
         (DecodeConfig(4, 4), 1, 8192, (512 * 128, 1, 1), (128, 1, 1)),
         (DecodeConfig(4, 4), 9, 20, (2 * 128, 2, 1), (128, 1, 1)),
         (DecodeConfig(2, 8), 3, 100, (7 * 256, 1, 1), (256, 1, 1)),

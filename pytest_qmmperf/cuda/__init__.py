@@ -89,7 +89,7 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
             if arg_name + suffix in src.body:
                 args.append(f"    const __grid_constant__ {decl} {arg_name}{suffix}")
     for out_name in src.output_names:
-        args.append(f"    {CUDA_TYPES[dtype]}* {out_name}")
+        args.append(f"    {CUDA_TYPES[src.output_dtype or dtype]}* {out_name}")
     parts.append(f"__global__ void {kernel_name(src, template)}(\n" + ",\n".join(args) + ") {")
     for key, value in template:
         if isinstance(value, str):

@@ -146,7 +146,9 @@ struct QmmWarpTile {
     }
   }
 
-  __device__ __forceinline__ void store(T* out, int m0, int n0, int M, int N) {
+  // out is T, or float for a tile split over K (its partial sums).
+  template <typename O>
+  __device__ __forceinline__ void store(O* out, int m0, int n0, int M, int N) {
     const int g = lane >> 2;
     const int t = lane & 3;
 #pragma unroll
@@ -159,7 +161,7 @@ struct QmmWarpTile {
           const int m = m0 + i * 8 + 2 * t + (e & 1);
           if (m < M && n < N) {
             out[static_cast<size_t>(m) * static_cast<size_t>(N) + static_cast<size_t>(n)] =
-                static_cast<T>(acc[j][i][e]);
+                static_cast<O>(acc[j][i][e]);
           }
         }
       }

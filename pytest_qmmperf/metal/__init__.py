@@ -93,7 +93,8 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
     if template is None:
         template = [("T", dtype)]
     input_dtypes = [dtype, "uint32", dtype, dtype]
-    name = kernel_name(src, template, input_dtypes, [dtype])
+    out_dtype = src.output_dtype or dtype
+    name = kernel_name(src, template, input_dtypes, [out_dtype])
     lines: list[str] = [src.header]
     if template:
         params = ", ".join(
@@ -113,7 +114,7 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
                 args.append(f"  {decl} {arg_name}{suffix} [[buffer({index})]]")
                 index += 1
     for out_name in src.output_names:
-        args.append(f"  device {TYPE_STRINGS[dtype]}* {out_name} [[buffer({index})]]")
+        args.append(f"  device {TYPE_STRINGS[out_dtype]}* {out_name} [[buffer({index})]]")
         index += 1
     for attr, attr_type in attributes(src):
         args.append(f"  {attr_type} {attr} [[{attr}]]")

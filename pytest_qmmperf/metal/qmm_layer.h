@@ -118,7 +118,9 @@ struct QmmWarpTile {
     }
   }
 
-  inline void store(device T* out, int m0, int n0, int M, int N) {
+  // out is T, or float for a tile split over K (its partial sums).
+  template <typename O>
+  inline void store(device O* out, int m0, int n0, int M, int N) {
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
       const int m = m0 + i * 8 + fm;
@@ -128,12 +130,12 @@ struct QmmWarpTile {
 #pragma unroll
       for (int j = 0; j < TN; ++j) {
         const int n = n0 + j * 8 + fn;
-        device T* o = out + size_t(m) * size_t(N) + size_t(n);
+        device O* o = out + size_t(m) * size_t(N) + size_t(n);
         if (n < N) {
-          o[0] = static_cast<T>(acc[i][j].thread_elements()[0]);
+          o[0] = static_cast<O>(acc[i][j].thread_elements()[0]);
         }
         if (n + 1 < N) {
-          o[1] = static_cast<T>(acc[i][j].thread_elements()[1]);
+          o[1] = static_cast<O>(acc[i][j].thread_elements()[1]);
         }
       }
     }

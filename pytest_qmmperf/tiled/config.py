@@ -6,13 +6,16 @@ verified through CUDA.  Everything here is pure Python: no MLX, no GPU.
 
 Names::
 
-    tiled:BMxBN[xBK]:wmWMwnWN[:dMAXM]    e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0
+    tiled:BMxBN[xBK]:wmWMwnWN[:kS][:dMAXM]  e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0,
+                                         tiled:96x64x64:wm4wn2:k4
     tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
     tiled:skinny[:wW[rR]]                the few-token tensor-core kernel, e.g. tiled:skinny:w4r2
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
-a ``BM/WM`` x ``BN/WN`` sub-tile.  ``MAXM`` is the largest M still sent to
+a ``BM/WM`` x ``BN/WN`` sub-tile.  ``S`` splits K over that many blocks
+per output tile (their float32 partial sums are then added in a fixed
+order), for grids that would otherwise leave SMs idle.  ``MAXM`` is the largest M still sent to
 the small-M kernels instead of the tile: the decode kernel at M = 1, the
 skinny kernel from M = 2 (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
 """
@@ -51,6 +54,8 @@ REGISTERS_PER_BLOCK = 65536
 #: state, fragments): 50-90 measured on sm_90a, so 96 is assumed.
 REGISTER_OVERHEAD = 96
 DEFAULT_BK = 32
+#: Blocks a tile's K may be split over at most.
+MAX_TILE_SPLITS = 16
 #: Largest M a tile variant sends to its small-M kernels (measured on the H100:
 #: at M = 16 the skinny kernel took 2.3-3.4x the floor, the tiles 10-30x).
 DEFAULT_DECODE_MAX_M = 16
@@ -246,11 +251,17 @@ class TileConfig:
     wm: int = 2
     wn: int = 2
     decode_max_m: int = DEFAULT_DECODE_MAX_M
+    splits: int = 1
 
     def __post_init__(self) -> None:
         name = self.name
         for label in ("bm", "bn", "bk", "wm", "wn"):
             _positive(name, label.upper(), getattr(self, label))
+        _positive(name, "splits", self.splits)
+        if self.splits > MAX_TILE_SPLITS:
+            raise TileError(
+                f"{name}: splits={self.splits} exceeds {MAX_TILE_SPLITS} blocks per output tile"
+            )
         if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
                 or self.decode_max_m < 0:
             raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
@@ -349,6 +360,8 @@ class TileConfig:
         if self.bk != DEFAULT_BK:
             shape += f"x{self.bk}"
         name = f"{FAMILY}:{shape}:wm{self.wm}wn{self.wn}"
+        if self.splits != 1:
+            name += f":k{self.splits}"
         if self.decode_max_m != DEFAULT_DECODE_MAX_M:
             name += f":d{self.decode_max_m}"
         return name
@@ -356,7 +369,8 @@ class TileConfig:
     def params(self) -> dict[str, Any]:
         return {
             "kernel": "tiled", "BM": self.bm, "BN": self.bn, "BK": self.bk, "WM": self.wm,
-            "WN": self.wn, "decode_max_m": self.decode_max_m, "threads": self.threads,
+            "WN": self.wn, "splits": self.splits, "decode_max_m": self.decode_max_m,
+            "threads": self.threads,
             "shared_bytes": self.shared_bytes,
         }
 
@@ -364,13 +378,14 @@ class TileConfig:
 KernelConfig = TileConfig | DecodeConfig | SkinnyConfig
 
 _TILE_RE = re.compile(
-    r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)(?::d(?P<d>\d+))?$"
+    r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)"
+    r"(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$"
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
-    f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
+    f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
     f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]]"
 )
 
@@ -390,6 +405,7 @@ def parse_name(name: str) -> KernelConfig:
             bm=int(m["bm"]), bn=int(m["bn"]), bk=int(m["bk"] or DEFAULT_BK),
             wm=int(m["wm"]), wn=int(m["wn"]),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
+            splits=int(m["k"] or 1),
         )
     m = _SKINNY_RE.match(rest)
     if m:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_qmmperf.tiled.config import KernelConfig
+from pytest_qmmperf.tiled.config import KernelConfig, TileConfig
 from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry, template_args
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   const std::string dir = argv[8];
   const std::string x = slurp(dir + "/x.bin"), w = slurp(dir + "/w.bin"),
                     s = slurp(dir + "/scales.bin"), b = slurp(dir + "/biases.bin");
-  std::string out(size_t(M) * size_t(N) * 2, '\0');
+  std::string out;  // sized by each case: T, or float partial sums of a tile split over K
   switch (which) {
 @CASES@
   default:
@@ -100,7 +100,7 @@ def compiler_reason() -> str | None:
     return None
 
 
-def _call_args(src: KernelSource, ctype: str) -> list[str]:
+def _call_args(src: KernelSource, ctype: str, out_ctype: str) -> list[str]:
     args = []
     for name, cast in (("x", f"(const {ctype}*)x.data()"), ("w", "(const uint32_t*)w.data()"),
                        ("scales", f"(const {ctype}*)s.data()"),
@@ -108,7 +108,7 @@ def _call_args(src: KernelSource, ctype: str) -> list[str]:
         args.append(cast)
         if name + "_shape" in src.body:
             args.append(f"{name}_shape")
-    args.append(f"({ctype}*)out.data()")
+    args.append(f"({out_ctype}*)out.data()")
     return args
 
 
@@ -127,12 +127,13 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
             parts.append(as_cxx(metal.translation_unit(src, dtype=k.dtype, template=template)))
             ctype = metal.TYPE_STRINGS[k.dtype]
             name = metal.kernel_name(src, template, [k.dtype, "uint32", k.dtype, k.dtype],
-                                     [k.dtype])
+                                     [src.output_dtype or k.dtype])
+            out_ctype = metal.TYPE_STRINGS[src.output_dtype or k.dtype]
             targs = ", ".join(metal.TYPE_STRINGS[v] if isinstance(v, str) else str(v)
                               for _, v in template)
             attrs = [_METAL_ATTRIBUTE_VALUES[a] for a, _ in metal.attributes(src)]
             args = [a.replace("_shape", "_shape.data()") if a.endswith("_shape") else a
-                    for a in _call_args(src, ctype)] + attrs
+                    for a in _call_args(src, ctype, out_ctype)] + attrs
             call = (f"qmm_emu::launch(gx, gy, threads, [&](int t, int bx, int by) {{\n"
                     f"      {name}<{targs}>({', '.join(args)});\n    }});")
             shape_type = "std::array<int, 10>"
@@ -140,18 +141,27 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
             parts.append(cuda.translation_unit(src, dtype=k.dtype, template=template,
                                                default_header=False))
             ctype = cuda.CUDA_TYPES[k.dtype]
+            out_ctype = cuda.CUDA_TYPES[src.output_dtype or k.dtype]
             name = "mlx::core::cu::" + cuda.kernel_name(src, template)
             call = (f"qmm_emu::launch_cuda(gx, gy, threads, [&] {{\n"
-                    f"      {name}({', '.join(_call_args(src, ctype))});\n    }});")
+                    f"      {name}({', '.join(_call_args(src, ctype, out_ctype))});\n    }});")
             shape_type = "mlx::core::cu::Shape"
+        planes, size = _out_layout(k)
         cases.append(
             f"  case {i}: {{\n"
+            f"    out.assign(size_t({planes}) * size_t(M) * size_t(N) * {size}, '\\0');\n"
             f"    {shape_type} x_shape{{}}, w_shape{{}};\n"
             f"    x_shape[0] = M; x_shape[1] = K; w_shape[0] = N; w_shape[1] = K * {k.bits} / 32;\n"
             f"    {call}\n    break;\n  }}"
         )
     parts.append(_MAIN.replace("@CASES@", "\n".join(cases)))
     return "\n".join(parts)
+
+
+def _out_layout(kernel: EmulatedKernel) -> tuple[int, int]:
+    """``out``'s planes and element size: a tile split over K writes float32 planes."""
+    splits = kernel.config.splits if isinstance(kernel.config, TileConfig) else 1
+    return (splits, 4) if splits > 1 else (1, 2)
 
 
 def build(kernels: Sequence[EmulatedKernel], language: str, workdir: Path) -> Path:
@@ -196,7 +206,13 @@ def run(exe: Path, index: int, kernel: EmulatedKernel, x: mx.array, w: mx.array,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode:
             raise RuntimeError(f"emulated kernel failed ({' '.join(cmd)}): {proc.stderr[-2000:]}")
-        raw = np.frombuffer((d / "out.bin").read_bytes(), dtype=np.uint16).reshape(M, N)
+        data = (d / "out.bin").read_bytes()
+    planes, _ = _out_layout(kernel)
+    if planes > 1:
+        # What the variant does: add the float32 partial sums, then round to T.
+        partial = np.frombuffer(data, dtype=np.float32).reshape(planes, M, N)
+        return mx.array(partial.sum(axis=0)).astype(getattr(mx, kernel.dtype))
+    raw = np.frombuffer(data, dtype=np.uint16).reshape(M, N)
     if kernel.dtype == "float16":
         values: Any = raw.view(np.float16).astype(np.float32)
     else:

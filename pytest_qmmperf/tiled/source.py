@@ -113,6 +113,9 @@ class KernelSource:
     threads: int
     input_names: tuple[str, ...] = INPUT_NAMES
     output_names: tuple[str, ...] = OUTPUT_NAMES
+    #: ``out``'s dtype when not the activations' (a tile split over K writes
+    #: float32 partial sums, ``(splits, M, N)``); ``None``: the activations' dtype.
+    output_dtype: str | None = None
 
 
 # --- the shared bodies -----------------------------------------------------
@@ -172,14 +175,17 @@ _TILED_STORE = """\
 """
 
 _TILED_BODY = Template("""\
-  // Block (bx, by) computes out[by*BM : +BM, bx*BN : +BN]; SIMD group
-  // (wm, wn) of the WM x WN split its WTM x WTN part. The K loop keeps one
-  // BK-slice in shared memory while the next is loaded into registers.
+  // Block (bx, by) computes out[bm*BM : +BM, bx*BN : +BN] over the bz-th of
+  // KS parts of K (by = bz * MB + bm); SIMD group (wm, wn) of the WM x WN
+  // split its WTM x WTN part. The K loop keeps one BK-slice in shared memory
+  // while the next is loaded into registers. With KS > 1, out is float32
+  // (KS, M, N) and part bz writes plane bz; the caller adds the planes.
   constexpr int BM = $BM;
   constexpr int BN = $BN;
   constexpr int BK = $BK;
   constexpr int WM = $WM;
   constexpr int WN = $WN;
+  constexpr int KS = $KS;
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int THREADS = WM * WN * $SIMD;
@@ -197,10 +203,16 @@ _TILED_BODY = Template("""\
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
-  const int m0 = by * BM;
+  const int MB = (M + BM - 1) / BM;
+  const int bz = by / MB;
+  const int m0 = (by % MB) * BM;
   const int n0 = bx * BN;
   const int wm = int(warp) / WN;
   const int wn = int(warp) % WN;
+  // Part bz of K: slices [bz * PER, (bz + 1) * PER) of the K / BK.
+  const int PER = (K / BK + KS - 1) / KS;
+  const int kbeg = bz * PER * BK;
+  const int kend = kbeg + PER * BK < K ? kbeg + PER * BK : K;
 
   $shared uint4 xs_raw[BM * BKP / 8];
   $shared uint4 ws_raw[BN * BKP / 8];
@@ -214,19 +226,21 @@ $prologue
   QmmWarpTile<T, WTM, WTN, BK, BKP> tile;
   tile.init(lane);
 
-  int kl = 0;
+  int kl = kbeg;
+  if (kl < kend) {
 $load
-  for (int k0 = 0; k0 < K; k0 += BK) {
+  }
+  for (int k0 = kbeg; k0 < kend; k0 += BK) {
     $barrier;
 $store
     $barrier;
     kl = k0 + BK;
-    if (kl < K) {
+    if (kl < kend) {
 $load
     }
     tile.mma(xs + wm * WTM * BKP, ws + wn * WTN * BKP);
   }
-  tile.store(out, m0 + wm * WTM, n0 + wn * WTN, M, N);
+  tile.store(out + size_t(bz) * size_t(M) * size_t(N), m0 + wm * WTM, n0 + wn * WTN, M, N);
 """)
 
 _DECODE_LOAD = """\
@@ -592,11 +606,11 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
     if isinstance(config, TileConfig):
         body = _render(
             _TILED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
-            WN=config.wn, BITS=bits, GS=group_size,
+            WN=config.wn, KS=config.splits, BITS=bits, GS=group_size,
         )
         stem = (
             f"qmmperf_tiled_{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
-            f"_b{bits}_g{group_size}_{language}"
+            f"k{config.splits}_b{bits}_g{group_size}_{language}"
         )
     elif isinstance(config, SkinnyConfig):
         body = _render(_SKINNY_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
@@ -612,9 +626,10 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
+    split = isinstance(config, TileConfig) and config.splits > 1
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
-        threads=config.threads,
+        threads=config.threads, output_dtype="float32" if split else None,
     )
 
 
@@ -649,11 +664,11 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     """``(grid, threadgroup)`` in threads, as both ``metal_kernel`` and ``cuda_kernel`` take them.
 
     The grid's x axis walks N (so neighbouring blocks share an activation
-    tile), its y axis walks M.
+    tile), its y axis walks M (and, for a tile split over K, the parts of K).
     """
     threads = config.threads
     if isinstance(config, TileConfig):
-        blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm))
+        blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm) * config.splits)
     elif isinstance(config, SkinnyConfig):
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, 8 * skinny_tiles(M)))
     else:

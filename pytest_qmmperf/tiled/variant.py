@@ -89,7 +89,8 @@ class TiledQmm:
         self.config = config
         self.decode = decode or DecodeConfig()
         self.skinny = skinny or SkinnyConfig()
-        self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None,
+                                                  bool]] = {}
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -122,15 +123,19 @@ class TiledQmm:
         if plan is None:
             plan = self._plans[key] = self._plan(x, w, scales, biases, transpose=transpose,
                                                  group_size=group_size, bits=bits, mode=mode)
-        kern, launch, flat = plan
+        kern, launch, flat, partial = plan
+        out = kern(inputs=[x if flat is None else x.reshape(flat), w, scales, biases],
+                   **launch)[0]
+        if partial:
+            # A tile split over K: add its float32 planes, then round once to x's dtype.
+            out = out.sum(axis=0).astype(x.dtype)
         if flat is None:
-            return kern(inputs=[x, w, scales, biases], **launch)[0]
-        out = kern(inputs=[x.reshape(flat), w, scales, biases], **launch)[0]
+            return out
         return out.reshape(*x.shape[:-1], int(w.shape[0]))
 
     def _plan(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
               transpose: bool, group_size: int, bits: int, mode: str
-              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None]:
+              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool]:
         import mlx.core as mx
 
         name = self.config.name
@@ -159,12 +164,15 @@ class TiledQmm:
         if language is None:
             raise RuntimeError(f"{name}: {available()}")
         config = self.kernel_for(M)
-        _, kern = kernel(config, bits=bits, group_size=group_size, language=language)
+        src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
+        partial = isinstance(config, TileConfig) and config.splits > 1
+        out_shape = (config.splits, M, N) if isinstance(config, TileConfig) and partial else (M, N)
+        out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
-                  "output_shapes": [(M, N)], "output_dtypes": [x.dtype]}
-        return kern, launch, (None if x.ndim == 2 else (M, K))
+                  "output_shapes": [out_shape], "output_dtypes": [out_dtype]}
+        return kern, launch, (None if x.ndim == 2 else (M, K)), partial
 
 
 def describe(config: KernelConfig) -> str:

@@ -189,7 +189,8 @@ def describe(config: KernelConfig) -> str:
         return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {vectors} per "
                 f"row and lane a step, {config.warps} warps a block{split}; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
+    split = f", K split over {config.splits} blocks" if config.splits > 1 else ""
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
-            f"{config.wm}x{config.wn} SIMD groups, decode/skinny kernels for M <= "
+            f"{config.wm}x{config.wn} SIMD groups{split}, decode/skinny kernels for M <= "
             f"{config.decode_max_m}; "
             "affine bits 4/8 (Metal, CUDA)")

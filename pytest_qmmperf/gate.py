@@ -557,6 +557,7 @@ def judge(
     drift: Drift | None = None,
     enforce_timing: bool = True,
     timing_note: str = "virtual GPU: timing reported, not enforced (--qmm-gate-virtual)",
+    unenforced: Mapping[str, str] | None = None,
     confidence: float = stats.DEFAULT_CONFIDENCE,
 ) -> list[Verdict]:
     """Verdicts for every metric of one benchmark.
@@ -569,7 +570,10 @@ def judge(
     metric ``not-comparable``.  ``enforce_timing=False`` (a virtual GPU, a
     machine whose speed changed during the benchmark) keeps time and rate
     regressions from failing; ``timing_note`` says why in their verdicts.
+    ``unenforced`` does the same for the metrics it names, each with its own
+    note (host-bound generation: ``gen_tps``).
     """
+    unenforced = unenforced or {}
     thresholds = thresholds or Thresholds({}, {}, {})
     baseline_medians = baseline_medians or {}
     verdicts: list[Verdict] = []
@@ -639,6 +643,10 @@ def judge(
             enforced = False
             if status == "regression":
                 notes.append(timing_note)
+        elif name in unenforced:
+            enforced = False
+            if status == "regression":
+                notes.append(unenforced[name])
         verdicts.append(
             Verdict(
                 test, name, status, unit,

@@ -57,8 +57,9 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--qmm-gate-virtual", action="store_true", default=None,
                     help="fail on timing regressions even on a virtual GPU")
     group.addoption("--qmm-gate-host-bound", action="store_true", default=None,
-                    help="fail on timing regressions even where dispatching a round took as long "
-                         "as running it (the sample then measures the host)")
+                    help="fail on timing regressions even where dispatching a round (or a "
+                         "prefill's decode step, for gen_tps) took as long as running it (the "
+                         "sample then measures the host)")
     group.addoption("--qmm-json", metavar="PATH", default=None,
                     help="write results, the baseline used and verdicts as JSON")
     group.addoption("--qmm-markdown", metavar="PATH", default=None,

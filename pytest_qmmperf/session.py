@@ -385,6 +385,12 @@ class QmmSession:
                 "(--qmm-gate-host-bound)")
         elif unsteady_reason:
             enforce, why = False, unsteady_reason
+        unenforced = {}
+        if result.info.get("gen_host_bound") and not self.options.gate_host_bound:
+            unenforced["gen_tps"] = (
+                f"host-bound generation: building and queueing a decode step took "
+                f"{100 * result.info['gen_host_fraction']:.0f}% of the step, so gen_tps "
+                "measures the host; reported, not enforced (--qmm-gate-host-bound)")
         return gate.judge(
             result.name,
             result.samples,
@@ -397,6 +403,7 @@ class QmmSession:
             drift=self.drift_for(state, entry, before + after),
             enforce_timing=enforce,
             timing_note=why,
+            unenforced=unenforced,
         )
 
     # --- session end -----------------------------------------------------

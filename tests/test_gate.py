@@ -273,6 +273,21 @@ def test_virtual_gpu_reports_timing_regressions_without_failing() -> None:
     assert mem_v.status == "regression" and mem_v.failed  # memory is not timing
 
 
+def test_named_metrics_are_reported_not_enforced() -> None:
+    # host-bound generation: gen_tps regresses 30% but does not fail; TTFT still does
+    base = {"gen_tps": lognormal(120.0, 0.02, 20, 25), "ttft_s": lognormal(0.5, 0.01, 20, 26)}
+    cur = {"gen_tps": lognormal(84.0, 0.02, 20, 27), "ttft_s": lognormal(0.6, 0.01, 20, 28)}
+    note = "host-bound generation: reported, not enforced"
+    gen_v, ttft_v = gate.judge("t", cur, base, unenforced={"gen_tps": note})
+    assert gen_v.status == "regression" and not gen_v.enforced and not gen_v.failed
+    assert note in gen_v.note
+    assert ttft_v.status == "regression" and ttft_v.enforced and ttft_v.failed
+    assert note not in ttft_v.note
+    # no regression, no note
+    [same] = gate.judge("t", {"gen_tps": base["gen_tps"]}, base, unenforced={"gen_tps": note})
+    assert same.status == "unchanged" and note not in same.note and not same.enforced
+
+
 def test_params_mismatch_is_not_compared() -> None:
     base = {"time_s": [1e-3] * 5}
     cur = {"time_s": [9e-3] * 5}

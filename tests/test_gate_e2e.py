@@ -477,3 +477,33 @@ def test_a_prefill_regression_is_confirmed_by_a_second_look(repo: Repo) -> None:
     assert len(res["samples"]["ttft_s"]) == look["rounds_first"] + look["rounds_second"]
     ttft = next(v for v in report["verdicts"] if v["metric"] == "ttft_s")
     assert ttft["failed"] and "second look: judged on" in ttft["note"]
+
+
+def test_host_bound_generation_is_reported_not_enforced(repo: Repo) -> None:
+    pytest.importorskip("mlx_lm")
+    # Every decode step counts as host-bound here (any host share > 0), so that the
+    # test does not depend on how fast this machine's host is next to its device.
+    pin = "import pytest_qmmperf.workloads.prefill as pf\npf.GEN_HOST_BOUND_FRACTION = 0.0\n"
+    (repo.root / "test_suite.py").write_text(PREFILL_SUITE.replace('"tiny", prompt_tokens=64, '
+                                                                   'gen_tokens=3',
+                                                                   '"tiny", prompt_tokens=64, '
+                                                                   'gen_tokens=8'))
+    (repo.root / "conftest.py").write_text(pin + PREFILL_CONFTEST.format(extra=0))
+    repo.commit("a prefill suite")
+    record(repo)
+    (repo.root / "conftest.py").write_text(pin + PREFILL_CONFTEST.format(extra=6))
+    repo.commit("seven times the matmul work in every quantized layer")
+    result = repo.run("--qmm-json=g.json.out")
+    result.assert_outcomes(failed=1)  # TTFT
+    report = json.loads((repo.root / "g.json.out").read_text())
+    [res] = report["results"]
+    assert res["info"]["gen_host_bound"] and res["info"]["gen_host_fraction"] > 0
+    gen = next(v for v in report["verdicts"] if v["metric"] == "gen_tps")
+    assert gen["status"] == "regression" and not gen["enforced"] and not gen["failed"]
+    assert gen["note"].startswith("host-bound generation: building and queueing")
+    assert "--qmm-gate-host-bound" in gen["note"]
+    strict = repo.run("--qmm-gate-host-bound", "--qmm-json=s.json.out")
+    strict.assert_outcomes(failed=1)
+    report = json.loads((repo.root / "s.json.out").read_text())
+    gen = next(v for v in report["verdicts"] if v["metric"] == "gen_tps")
+    assert gen["status"] == "regression" and gen["enforced"] and gen["failed"]

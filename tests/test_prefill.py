@@ -16,6 +16,7 @@ import pytest
 from pytest_qmmperf.variants import Variant, get_variant, register_variant, unregister_variant
 from pytest_qmmperf.workloads import prefill
 from pytest_qmmperf.workloads.prefill import (
+    GEN_HOST_BOUND_FRACTION,
     PREFILL_METRICS,
     PrefillError,
     PrefillRunner,
@@ -190,6 +191,26 @@ def test_round_metrics_follow_their_definitions():
     assert "mlx-lm" in info["conventions"]
     assert any("cold run" in m for m in messages) and any("round 2" in m for m in messages)
     assert any("32/96 prompt tokens" in m for m in messages)  # chunked prefill progress
+
+
+def test_host_share_of_generation_is_measured_after_the_warm_up():
+    spec = PrefillSpec("tiny", prompt_tokens=48, gen_tokens=6)
+    runner = PrefillRunner(spec)
+    assert runner.gen_host_fraction is None
+    runner.warmup()
+    share = runner.gen_host_fraction
+    # host time over the interval between tokens: positive, and at most about the whole
+    # step (the host cannot take longer than the step it paces, beyond timer noise)
+    assert share is not None and 0.0 < share < 1.5
+    info = runner.info()
+    assert info["gen_host_fraction"] == round(share, 4)
+    assert info["gen_host_bound"] == (share > GEN_HOST_BOUND_FRACTION)
+    runner.run_round()
+    assert runner.gen_host_fraction == share  # measured once, in the warm-up
+    # two generated tokens are one decode step: no interval between steps to compare with
+    short = PrefillRunner(PrefillSpec("tiny", prompt_tokens=16, gen_tokens=2))
+    short.warmup()
+    assert short.gen_host_fraction is None and "gen_host_bound" not in short.info()
 
 
 def test_one_generated_token_has_no_generation_rate():

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 PREFILL_METRICS = ("ttft_s", "prompt_tps", "gen_tps", "peak_memory_gb")
 INSTALL_HINT = 'pip install "pytest-qmmperf[lm]"'
+#: Host share of a decode step above which generation counts as host-bound:
+#: the kernel timer's rule (:data:`pytest_qmmperf.timing.HOST_BOUND_FRACTION`).
+GEN_HOST_BOUND_FRACTION = 0.8
 
 
 class PrefillError(ValueError):
@@ -569,6 +572,8 @@ class PrefillRunner:
         self._rounds = 0
         self._cold_start_s: float | None = None
         self._decode_step_s: list[float] = []
+        #: Host share of a decode step (:meth:`_host_share_of_generation`), from the warm-up.
+        self.gen_host_fraction: float | None = None
 
     # -- public API used by the fixture --------------------------------
 
@@ -667,6 +672,9 @@ class PrefillRunner:
             info["cold_start_s"] = self._cold_start_s
         if self._decode_step_s:
             info["decode_step_ms_median"] = round(1e3 * _median(self._decode_step_s), 4)
+        if self.gen_host_fraction is not None:
+            info["gen_host_fraction"] = round(self.gen_host_fraction, 4)
+            info["gen_host_bound"] = self.gen_host_fraction > GEN_HOST_BOUND_FRACTION
         if hasattr(self, "check_error"):
             info["check_relative_error"] = self.check_error
         from pytest_qmmperf.hardware import backend_name, import_mlx
@@ -741,6 +749,9 @@ class PrefillRunner:
         finally:
             if gc_was_enabled:
                 gc.enable()
+        if label == "warm-up" and spec.gen_tokens > 2 and can_trim_prompt_cache(cache):
+            # after the timing, which the warm-up does not keep
+            self.gen_host_fraction = self._host_share_of_generation(cache, tokens[0])
         peak = mx.get_peak_memory()
         del cache
         #: The raw intervals behind the last result, for reports and tests.
@@ -758,6 +769,50 @@ class PrefillRunner:
             if label.startswith("round"):
                 self._decode_step_s.append(decode_s / steps)
         return result
+
+    def _host_share_of_generation(self, cache: list[Any], first: int) -> float | None:
+        """The share of a decode step the host spends building and dispatching the next one.
+
+        Decodes ``gen_tokens - 1`` steps from the prompt's cache (trimmed back
+        to the prompt, as the timed passes are) with generate_step's own
+        pipelining: step n + 1 is built and queued with ``mx.async_eval``
+        before the host waits for step n's token.  The median time spent
+        building and queueing, over the median interval between tokens, is
+        near 1 when the device waits for the host: then gen_tps measures the
+        host's dispatch rate, which moves 17-50% between processes on the
+        H100 (docs/PERFORMANCE.md, section 3b), not the kernels.  ``None``
+        when fewer than two steps are decoded.
+        """
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        steps = self.spec.gen_tokens - 1
+        if steps < 2:
+            return None
+        trim_prompt_cache(cache, cache[0].offset - self.spec.prompt_tokens)
+
+        def step(y: mx.array) -> mx.array:
+            with mx.stream(generation_stream):
+                logits = self.model(y[None], cache=cache)[:, -1, :]
+                logprobs = logits - mx.logsumexp(logits, keepdims=True)
+                return mx.argmax(logprobs, axis=-1)  # greedy, as the timed passes
+
+        y = step(mx.array([first], dtype=mx.uint32))
+        mx.async_eval(y)
+        host: list[float] = []
+        arrived: list[float] = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            queued = step(y)
+            mx.async_eval(queued)
+            host.append(time.perf_counter() - t0)
+            y.item()
+            arrived.append(time.perf_counter())
+            y = queued
+        mx.synchronize(generation_stream)
+        intervals = [b - a for a, b in zip(arrived, arrived[1:], strict=False)]
+        return _median(host) / max(_median(intervals), 1e-12)
 
     def _logits(self, prompt: mx.array) -> mx.array:
         """Last-position log-probabilities of one forward pass over ``prompt`` (float32)."""

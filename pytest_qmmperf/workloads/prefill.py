@@ -29,6 +29,10 @@ does the generating here, except where marked):
   includes the weights, the KV cache and the activations.
 * Every round starts from a fresh KV cache and an emptied MLX buffer cache,
   with Python's garbage collector paused while timing.
+* ``gen_host_fraction`` (in the info, not a metric): the host's share of a
+  decode step, measured once after the warm-up; over
+  :data:`GEN_HOST_BOUND_FRACTION` generation is host-bound and the gate
+  reports ``gen_tps`` without enforcing it (``--qmm-gate-host-bound``).
 * ``cold_start_s``: the TTFT of the first run in the process, JIT compilation
   included (only kernels not compiled earlier in the process are compiled).
 """

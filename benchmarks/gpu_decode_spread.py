@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_prefill import spread_pct  # noqa: E402  (the same run-to-run spread)
 
 CONDITIONS = ("default", "keep-cache", "pinned")
-
-
-def spread_pct(values: list[float]) -> float:
-    return 100.0 * (max(values) - min(values)) / statistics.median(values)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,21 @@ LAUNCHES = 32
 L2_BYTES = 64 << 20  # rotate input sets until they exceed this
 
 
+def open_report(out: Path, stem: str) -> tuple[Log, dict[str, Any]]:
+    """``out/stem.log`` and a report that starts with the date, MLX, the command and the device."""
+    import mlx.core as mx
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / f"{stem}.log")
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "mlx": mx.__version__, "command": " ".join(sys.argv),
+        "device": str(mx.device_info().get("device_name", "")),
+    }
+    log(f"# {report['date']} MLX {mx.__version__} {report['device']}")
+    return log, report
+
+
 class Log:
     def __init__(self, path: Path) -> None:
         self.file = path.open("w")
@@ -104,13 +119,17 @@ def check_cases(tiles: list[str]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def run_checks(log: Log, tiles: list[str]) -> list[dict[str, Any]]:
+    return run_cases(log, check_cases(tiles))
+
+
+def run_cases(log: Log, cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each (variant, QmmSpec kwargs) through MLX against the float32 reference; one row each."""
     import mlx.core as mx
 
     from pytest_qmmperf.variants import get_variant
     from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs
 
     results = []
-    cases = check_cases(tiles)
     log(f"# check: {len(cases)} cases")
     inputs_cache: dict[QmmSpec, Any] = {}
     t0 = time.perf_counter()

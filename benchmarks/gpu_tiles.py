@@ -25,7 +25,6 @@ TFLOP/s)`` of ``gpu_kernels.py``.  Writes ``gpu_tiles.json`` and
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
 import math
@@ -106,45 +105,15 @@ def kernel_alone(log: gk.Log, names: list[str], m_values: list[int]) -> list[dic
 
 
 def mlx_checks(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
-    import mlx.core as mx
-
-    from pytest_qmmperf.variants import get_variant
-    from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs
-
-    cases: list[dict[str, Any]] = []
+    shapes: list[dict[str, Any]] = []
     for (N, K), M in itertools.product(gk.SHAPES.values(), (33, 161, 512)):
-        cases.append(dict(M=M, N=N, K=K))
+        shapes.append(dict(M=M, N=N, K=K))
     for M, N, K, gs in ((33, 200, 128, 128), (161, 3000, 64, 64), (300, 72, 256, 32),
                         (17, 40, 32, 32), (100, 1000, 96, 32)):
-        cases.append(dict(M=M, N=N, K=K, group_size=gs))
+        shapes.append(dict(M=M, N=N, K=K, group_size=gs))
     for dtype, bits, gs in itertools.product(("float16", "bfloat16"), (4, 8), (32, 64, 128)):
-        cases.append(dict(M=200, N=200, K=384, bits=bits, group_size=gs, dtype=dtype))
-    checks = []
-    for name in names:
-        variant = get_variant(name)
-        for kw in cases:
-            spec = QmmSpec(**kw)
-            row: dict[str, Any] = {"variant": name, **spec.params()}
-            reason = variant.supports(spec)
-            if reason:
-                row.update(ok=None, skipped=reason)
-                checks.append(row)
-                continue
-            inp = make_inputs(spec, seed=1)
-            try:
-                out = variant(inp.x, inp.w, inp.scales, inp.biases, transpose=True,
-                              group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-                mx.eval(out)
-                row.update(ok=True, rel_error=check_output(spec, inp, out, name))
-            except Exception as exc:
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-                log(f"FAIL {name} {spec.label()}: {exc}")
-            checks.append(row)
-    worst = max((c["rel_error"] for c in checks if c.get("ok")), default=float("nan"))
-    log(f"# MLX check: {sum(1 for c in checks if c.get('ok'))} passed, "
-        f"{sum(1 for c in checks if c.get('ok') is False)} failed, "
-        f"{sum(1 for c in checks if c.get('ok') is None)} not supported; worst error {worst:.3g}")
-    return checks
+        shapes.append(dict(M=200, N=200, K=384, bits=bits, group_size=gs, dtype=dtype))
+    return gk.run_cases(log, [(name, kw) for name in names for kw in shapes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,16 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-mlx-check", action="store_true")
     args = parser.parse_args(argv)
 
-    import mlx.core as mx
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = gk.Log(args.out / "gpu_tiles.log")
-    report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "mlx": mx.__version__, "command": " ".join(sys.argv),
-        "device": str(mx.device_info().get("device_name", "")),
-    }
-    log(f"# {report['date']} MLX {mx.__version__} {report['device']}")
+    log, report = gk.open_report(args.out, "gpu_tiles")
     t0 = time.perf_counter()
     rows = report["alone"] = kernel_alone(log, args.names, args.m)
     (args.out / "gpu_tiles.json").write_text(json.dumps(report, indent=1))

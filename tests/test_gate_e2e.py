@@ -452,13 +452,13 @@ def pytest_qmmperf_register_variants(register):
 
 PREFILL_SUITE = """
 def test_prefill(qmm_bench):
-    qmm_bench.prefill("tiny", prompt_tokens=64, gen_tokens=3, variant="mine")
+    qmm_bench.prefill("tiny", prompt_tokens=64, gen_tokens={gen}, variant="mine")
 """
 
 
 def test_a_prefill_regression_is_confirmed_by_a_second_look(repo: Repo) -> None:
     pytest.importorskip("mlx_lm")
-    (repo.root / "test_suite.py").write_text(PREFILL_SUITE)
+    (repo.root / "test_suite.py").write_text(PREFILL_SUITE.format(gen=3))
     (repo.root / "conftest.py").write_text(PREFILL_CONFTEST.format(extra=0))
     repo.commit("a prefill suite")
     a = record(repo)
@@ -484,10 +484,7 @@ def test_host_bound_generation_is_reported_not_enforced(repo: Repo) -> None:
     # Every decode step counts as host-bound here (any host share > 0), so that the
     # test does not depend on how fast this machine's host is next to its device.
     pin = "import pytest_qmmperf.workloads.prefill as pf\npf.GEN_HOST_BOUND_FRACTION = 0.0\n"
-    (repo.root / "test_suite.py").write_text(PREFILL_SUITE.replace('"tiny", prompt_tokens=64, '
-                                                                   'gen_tokens=3',
-                                                                   '"tiny", prompt_tokens=64, '
-                                                                   'gen_tokens=8'))
+    (repo.root / "test_suite.py").write_text(PREFILL_SUITE.format(gen=8))
     (repo.root / "conftest.py").write_text(pin + PREFILL_CONFTEST.format(extra=0))
     repo.commit("a prefill suite")
     record(repo)

@@ -167,8 +167,9 @@ class TiledQmm:
         src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
-        partial = isinstance(config, TileConfig) and config.splits > 1
-        out_shape = (config.splits, M, N) if isinstance(config, TileConfig) and partial else (M, N)
+        splits = config.splits if isinstance(config, TileConfig) else 1
+        partial = splits > 1
+        out_shape = (splits, M, N) if partial else (M, N)
         out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
                   "output_shapes": [out_shape], "output_dtypes": [out_dtype]}

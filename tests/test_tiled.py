@@ -15,6 +15,7 @@ from pytest_qmmperf.tiled.config import (
     SkinnyConfig,
     TileConfig,
     TileError,
+    WideConfig,
     parse_name,
 )
 from pytest_qmmperf.variants import VariantError, get_variant, variant_names
@@ -41,6 +42,9 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:decode:r1w8u2k8", DecodeConfig(1, 8, 2, 8)),
         ("tiled:skinny:w8r2", SkinnyConfig(8, 2)),
         ("tiled:skinny:w4", SkinnyConfig(4, 1)),
+        ("tiled:wide:w8r2m64", WideConfig(8, 2, 64)),
+        ("tiled:wide:w4r1m16:k4", WideConfig(4, 1, 16, splits=4)),
+        ("tiled:wide:w4r2m32:k2:d0", WideConfig(4, 2, 32, splits=2, decode_max_m=0)),
     ],
 )
 def test_parse_name(name, expected):
@@ -69,6 +73,8 @@ def test_parse_name(name, expected):
         ("tiled:64x64:wm2wn2:k1", "tiled:64x64:wm2wn2"),
         ("tiled:64x64:wm2wn2:k3:d8", "tiled:64x64:wm2wn2:k3:d8"),
         ("tiled:skinny:w16r2", "tiled:skinny:w16r2"),
+        ("tiled:wide:w8r2m64:k1:d16", "tiled:wide:w8r2m64"),
+        ("tiled:wide:w4r1m16:k4:d8", "tiled:wide:w4r1m16:k4:d8"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -117,6 +123,14 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:skinny:w8r0", "rows=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k0", "splits=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k17", "splits=17 exceeds 16 blocks per output tile"),
+        ("tiled:wide:w4r2m12", "tokens=12 must be a multiple of 8 (8-token fragments) up to 96"),
+        ("tiled:wide:w8r1m104", "tokens=104 must be a multiple of 8"),
+        ("tiled:wide:w4r5m16", "rows=5 exceeds 4 16-row fragments per warp"),
+        # 64 accumulators + 32 for the next x + 80 for this and the next weights
+        ("tiled:wide:w4r2m64", "keeps 176 registers live across the K loop (64 accumulators"),
+        ("tiled:wide:w32r1m32", "1024 threads x about 156 registers each exceed the 65536"),
+        ("tiled:wide:w4r2m32:k17", "splits=17 exceeds 16 blocks per output tile"),
+        ("tiled:wide:w0r2m32", "warps=0 must be a positive integer"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -300,7 +314,8 @@ def test_both_layers_define_the_same_interface():
     interface = ["qmm_q2f", "qmm_unit", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi",
                  "qmm_pack", "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(",
                  "void store(", "struct QmmSkinny", "void load_x(", "float value(int e)",
-                 "int token(int e)", "int out_row(int e)"]
+                 "int token(int e)", "int out_row(int e)", "struct QmmWide",
+                 "#define QMM_WIDE_STEPS", "#define QMM_WIDE_PAIRS"]
     for name in interface:
         assert name in metal and name in cuda, name
 
@@ -330,6 +345,9 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         # two 16-row fragments a block
         (SkinnyConfig(8, 2), 16, 8192, (256 * 256, 1, 1), (256, 1, 1)),
         (SkinnyConfig(4, 3), 3, 100, (3 * 128, 1, 1), (128, 1, 1)),
+        # wide: 8 x 2 x 16 = 256 weight rows and 64 tokens a block; K split 2 ways
+        (WideConfig(8, 2, 64), 2048, 8192, (32 * 256, 32, 1), (256, 1, 1)),
+        (WideConfig(4, 1, 16, splits=4), 17, 100, (2 * 128, 8, 1), (128, 1, 1)),
     ],
 )
 def test_launch_geometry(config, M, N, grid, threadgroup):
@@ -352,6 +370,10 @@ def test_small_m_goes_to_the_decode_then_the_skinny_kernel():
     assert never.kernel_for(1) == never.config
     alone = variant.TiledQmm(SkinnyConfig())
     assert alone.kernel_for(1) == alone.kernel_for(500) == SkinnyConfig()
+    wide = variant.TiledQmm(WideConfig(8, 2, 64))
+    assert isinstance(wide.kernel_for(1), DecodeConfig)
+    assert isinstance(wide.kernel_for(16), SkinnyConfig)
+    assert wide.kernel_for(17) == WideConfig(8, 2, 64)
 
 
 def test_packing_matches_mx_quantize():

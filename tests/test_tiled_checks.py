@@ -23,6 +23,7 @@ from pytest_qmmperf.tiled import (
     PRESETS,
     DecodeConfig,
     SkinnyConfig,
+    WideConfig,
     generate,
     parse_name,
     template_args,
@@ -38,7 +39,8 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
     "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:96x64x64:wm4wn2:k4",
-    "tiled:32x64x128:wm2wn2:k3",
+    "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w8r2m64", "tiled:wide:w4r1m16:k4",
+    "tiled:wide:w8r1m96",
 )]
 
 
@@ -234,6 +236,15 @@ EMULATED.append((emu.EmulatedKernel(parse_name("tiled:32x32:wm2wn2:k3"), 8, 64, 
                  QmmSpec(M=37, N=72, K=256, bits=8, group_size=64, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:32x64x64:wm2wn2:k4"), 4, 64, "float16"),
                  QmmSpec(M=33, N=100, K=128, bits=4, group_size=64)))
+# wide: M and N inside the last token and row fragments, K not a multiple of the
+# 128-k super-step; split over K unevenly (5 super-steps in 2 parts) and into more
+# parts than super-steps (the last writes zeros); 8 bits with both dtypes
+EMULATED.append((emu.EmulatedKernel(WideConfig(2, 2, 16), 4, 64, "float16"),
+                 QmmSpec(M=37, N=72, K=320, bits=4, group_size=64)))
+EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, splits=2), 8, 32, "bfloat16"),
+                 QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(WideConfig(1, 3, 8, splits=4), 8, 128, "float16"),
+                 QmmSpec(M=9, N=50, K=256, bits=8, group_size=128)))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))

@@ -249,4 +249,85 @@ struct QmmSkinny {
   }
 };
 
+// The wide kernel's fragments: the skinny kernel's lane layout (lane (g, t)
+// owns weight rows g and g + 8 of each of RF fragments at chunk t, k = 32t
+// .. 32t + 31 of each 128-k super-step), with x read back from the block's
+// threadgroup copy (token row pitch XP halves, chunks CP apart) for TILES
+// 8-token fragments. Step s (of QMM_WIDE_STEPS) gives m16n8k16's k slots
+// 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1 (x words
+// 2s and 2s+1 of the chunk), in A and B alike; a lane reads 16 bytes of
+// each token, two steps' worth, every other step.
+#define QMM_WIDE_STEPS 8
+#define QMM_WIDE_PAIRS 2
+template <typename T, int TILES, int RF, int CP, int XP>
+struct QmmWide {
+  float acc[RF][TILES][4];
+  uint32_t xq[TILES][4];  // x of token g + 8i, words 2s .. 2s + 3 of the chunk
+  int row;
+  int chunk;
+  int g;
+  int t;
+
+  __device__ __forceinline__ void init(unsigned lane) {
+    g = static_cast<int>(lane) >> 2;
+    t = static_cast<int>(lane) & 3;
+    row = g;
+    chunk = t;
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[f][i][e] = 0.0f;
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void load_x(const T* xs, int s) {
+    if ((s & 1) == 0) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const uint4 v = *reinterpret_cast<const uint4*>(xs + (8 * i + g) * XP + t * CP + 4 * s);
+        xq[i][0] = v.x;
+        xq[i][1] = v.y;
+        xq[i][2] = v.z;
+        xq[i][3] = v.w;
+      }
+    }
+  }
+
+  // Fragment f at step s; pa/pb: pairs 2s and 2s+1 of its weight rows g and g + 8, packed T.
+  __device__ __forceinline__ void mma(int f, int s, const uint32_t (&pa)[2],
+                                      const uint32_t (&pb)[2]) {
+    const uint32_t a[4] = {pa[0], pb[0], pa[1], pb[1]};
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+      const uint32_t b[2] = {xq[i][2 * (s & 1)], xq[i][2 * (s & 1) + 1]};
+      QmmMma<T>::run(acc[f][i], a, b);
+    }
+  }
+
+  // out is T, or float for a kernel split over K (its partial sums).
+  template <typename O>
+  __device__ __forceinline__ void store(O* out, int m0, int n0, int M, int N) {
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = n0 + 16 * f + g + (e >> 1) * 8;
+          const int m = m0 + 8 * i + 2 * t + (e & 1);
+          if (m < M && n < N) {
+            out[static_cast<size_t>(m) * static_cast<size_t>(N) + static_cast<size_t>(n)] =
+                static_cast<O>(acc[f][i][e]);
+          }
+        }
+      }
+    }
+  }
+};
+
 #endif  // QMMPERF_CUDA_QMM_LAYER

@@ -234,4 +234,91 @@ struct QmmSkinny {
   inline int out_row(int e) const { return 16 * (e / ACC) + fm + 8 * ((e % 4) / 2); }
 };
 
+// The wide kernel's fragments: the skinny kernel's lane layout (lane (fm, fn)
+// owns weight rows fm and fm + 8 of each of RF fragments at chunk fn / 2 of
+// each 128-k super-step), with x read back from the block's threadgroup copy
+// (token row pitch XP halves, chunks CP apart) for TILES 8-token fragments.
+// Step s (of QMM_WIDE_STEPS) gives A's k slot 2c + e the chunk's value 2s +
+// e; B's slot r is value 2s + r % 2 of chunk r / 2, which lane (fm, fn) reads
+// for its tokens fn and fn + 1.
+#define QMM_WIDE_STEPS 16
+#define QMM_WIDE_PAIRS 1
+template <typename T, int TILES, int RF, int CP, int XP>
+struct QmmWide {
+  simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
+  float xv[TILES][2];  // tokens fn and fn + 1 of fragment i at this step's k slot fm
+  int row;
+  int chunk;
+  short fm;
+  short fn;
+
+  inline void init(uint lane) {
+    qmm_lane_layout(lane, fm, fn);
+    row = fm;
+    chunk = fn / 2;
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          acc[f][i][h].thread_elements()[0] = 0.0f;
+          acc[f][i][h].thread_elements()[1] = 0.0f;
+        }
+      }
+    }
+  }
+
+  inline void load_x(const threadgroup T* xs, int s) {
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        xv[i][e] = static_cast<float>(xs[(8 * i + fn + e) * XP + (fm / 2) * CP + 2 * s + fm % 2]);
+      }
+    }
+  }
+
+  // Fragment f at step s; pa/pb: pair s of its weight rows fm and fm + 8, packed T.
+  inline void mma(int f, int s, thread const uint32_t (&pa)[1], thread const uint32_t (&pb)[1]) {
+    simdgroup_matrix<float, 8, 8> a0;
+    simdgroup_matrix<float, 8, 8> a1;
+    a0.thread_elements()[0] = qmm_lo<T>(pa[0]);
+    a0.thread_elements()[1] = qmm_hi<T>(pa[0]);
+    a1.thread_elements()[0] = qmm_lo<T>(pb[0]);
+    a1.thread_elements()[1] = qmm_hi<T>(pb[0]);
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+      simdgroup_matrix<float, 8, 8> b;
+      b.thread_elements()[0] = xv[i][0];
+      b.thread_elements()[1] = xv[i][1];
+      simdgroup_multiply_accumulate(acc[f][i][0], a0, b, acc[f][i][0]);
+      simdgroup_multiply_accumulate(acc[f][i][1], a1, b, acc[f][i][1]);
+    }
+  }
+
+  // out is T, or float for a kernel split over K (its partial sums).
+  template <typename O>
+  inline void store(device O* out, int m0, int n0, int M, int N) {
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int n = n0 + 16 * f + 8 * h + fm;
+            const int m = m0 + 8 * i + fn + e;
+            if (m < M && n < N) {
+              out[size_t(m) * size_t(N) + size_t(n)] =
+                  static_cast<O>(acc[f][i][h].thread_elements()[e]);
+            }
+          }
+        }
+      }
+    }
+  }
+};
+
 #endif  // QMMPERF_METAL_QMM_LAYER

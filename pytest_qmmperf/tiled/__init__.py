@@ -17,6 +17,7 @@ from pytest_qmmperf.tiled.config import (
     SkinnyConfig,
     TileConfig,
     TileError,
+    WideConfig,
     parse_name,
 )
 from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, template_args
@@ -25,7 +26,7 @@ from pytest_qmmperf.tiled.variant import TiledQmm, available, backend, built_ker
 __all__ = [
     "FAMILY", "PRESETS", "DecodeConfig", "KernelConfig", "KernelSource", "SkinnyConfig",
     "TileConfig", "TileError", "TiledQmm", "available", "backend", "built_kernels", "generate",
-    "geometry", "make_variant", "parse_name", "register", "template_args",
+    "WideConfig", "geometry", "make_variant", "parse_name", "register", "template_args",
 ]
 
 

@@ -10,6 +10,8 @@ Names::
                                          tiled:96x64x64:wm4wn2:k4
     tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
     tiled:skinny[:wW[rR]]                the few-token tensor-core kernel, e.g. tiled:skinny:w4r2
+    tiled:wide:wWrRmTOK[:kS][:dMAXM]     weights dequantized in registers, x staged in
+                                         threadgroup memory, e.g. tiled:wide:w4r2m64:k2
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
@@ -66,6 +68,19 @@ SKINNY_MAX_TOKENS = 16
 MAX_SKINNY_ROWS = 4
 #: K one skinny super-step covers: 4 lanes x 32 consecutive k each.
 SKINNY_STEP_K = 128
+#: The wide kernel: a lane's 32 k of a 128-k super-step sit in a chunk of
+#: this many halves in threadgroup memory, four chunks (plus padding) to a
+#: token's row. 40 and 160 make the CUDA layer's 16-byte fragment reads
+#: free of bank conflicts (each quarter-warp: tokens g, g+1 x chunks 0-3).
+WIDE_CHUNK_PITCH = 40
+WIDE_ROW_PITCH = 160
+#: Tokens one wide block stages at most (threadgroup memory: 96 x 160 halves).
+MAX_WIDE_TOKENS = 96
+#: :attr:`WideConfig.live_registers` at most. ptxas for sm_90a adds 60-100 to
+#: it (the unrolled steps' dequantized pairs and addresses): at 160
+#: (w8r2m64) it allocates 233-253 registers without spills; at 176 (w4r2m64)
+#: and 200 (w4r4m16) it spills 24-100 bytes at 8 bits.
+MAX_WIDE_LIVE_REGISTERS = 160
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
 DECODE_MAX_TOKENS = 8
 #: 16-byte weight vectors a decode lane holds per step (rows x vectors), double-buffered.
@@ -375,18 +390,129 @@ class TileConfig:
         }
 
 
-KernelConfig = TileConfig | DecodeConfig | SkinnyConfig
+@dataclass(frozen=True)
+class WideConfig:
+    """Weights dequantized in registers, activations staged in threadgroup memory.
+
+    A block takes ``tokens`` tokens and ``warps`` x ``rows`` x 16 weight rows;
+    each warp owns ``rows`` 16-row fragments. Per 128-k super-step the block
+    stages its tokens' activations in threadgroup memory once, and every lane
+    reads its own 32 consecutive k of its two weight rows per fragment
+    straight from device memory (no weight tile in threadgroup memory),
+    dequantizes them and feeds them to the matrix unit against each 8-token
+    fragment of x: each weight is dequantized once per block and used
+    ``tokens / 8`` times, each activation fragment read from threadgroup
+    memory once per warp and used ``rows`` times. The skinny kernel's lane
+    layout, for tens to hundreds of tokens. ``splits`` splits K over that
+    many blocks (float32 partial sums added in order, as for a tile);
+    ``decode_max_m`` as for a tile.
+    """
+
+    warps: int = 4
+    rows: int = 2
+    tokens: int = 64
+    splits: int = 1
+    decode_max_m: int = DEFAULT_DECODE_MAX_M
+
+    def __post_init__(self) -> None:
+        name = self.name
+        for label in ("warps", "rows", "tokens", "splits"):
+            _positive(name, label, getattr(self, label))
+        _check_warps(name, self.warps)
+        if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
+                or self.decode_max_m < 0:
+            raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
+        if self.tokens % FRAG_TOKENS or self.tokens > MAX_WIDE_TOKENS:
+            raise TileError(
+                f"{name}: tokens={self.tokens} must be a multiple of {FRAG_TOKENS} (8-token "
+                f"fragments) up to {MAX_WIDE_TOKENS} (threadgroup memory)"
+            )
+        if self.rows > MAX_SKINNY_ROWS:
+            raise TileError(
+                f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
+                "(register budget: each holds its packed weights, twice, and accumulators)"
+            )
+        if self.splits > MAX_TILE_SPLITS:
+            raise TileError(
+                f"{name}: splits={self.splits} exceeds {MAX_TILE_SPLITS} blocks per output tile"
+            )
+        if self.live_registers > MAX_WIDE_LIVE_REGISTERS:
+            raise TileError(
+                f"{name}: a thread keeps {self.live_registers} registers live across the K loop "
+                f"({self.accumulators} accumulators, the rest the next super-step's weights and "
+                f"activations), over {MAX_WIDE_LIVE_REGISTERS}: they would spill; use fewer rows "
+                "or tokens, or more warps"
+            )
+        if self.threads * (self.live_registers + REGISTER_OVERHEAD) > REGISTERS_PER_BLOCK:
+            raise TileError(
+                f"{name}: {self.threads} threads x about {self.live_registers + REGISTER_OVERHEAD} "
+                f"registers each exceed the {REGISTERS_PER_BLOCK} registers of a CUDA block "
+                "(refused at launch); use fewer warps"
+            )
+
+    @property
+    def threads(self) -> int:
+        return SIMD * self.warps
+
+    @property
+    def rows_per_block(self) -> int:
+        return FRAG_ROWS * self.rows * self.warps
+
+    @property
+    def accumulators(self) -> int:
+        return self.rows * FRAG_ROWS * self.tokens // SIMD
+
+    @property
+    def shared_bytes(self) -> int:
+        """The staged activations: ``tokens`` rows of :data:`WIDE_ROW_PITCH` halves."""
+        return self.tokens * WIDE_ROW_PITCH * 2
+
+    @property
+    def live_registers(self) -> int:
+        """Accumulators, the next super-step's activations (16-byte vectors, 4 registers
+        each), and this and the next super-step's weights at 8 bits (the widest: 8 words
+        per row and fragment, two rows, plus a scale and a bias each)."""
+        vectors = -(-self.tokens * SKINNY_STEP_K // 8 // self.threads)
+        return self.accumulators + 4 * vectors + 2 * self.rows * 2 * (8 + 2)
+
+    @property
+    def name(self) -> str:
+        name = f"{FAMILY}:wide:w{self.warps}r{self.rows}m{self.tokens}"
+        if self.splits != 1:
+            name += f":k{self.splits}"
+        if self.decode_max_m != DEFAULT_DECODE_MAX_M:
+            name += f":d{self.decode_max_m}"
+        return name
+
+    def params(self) -> dict[str, Any]:
+        return {"kernel": "wide", "warps": self.warps, "rows": self.rows,
+                "tokens": self.tokens, "splits": self.splits,
+                "decode_max_m": self.decode_max_m, "threads": self.threads,
+                "shared_bytes": self.shared_bytes}
+
+
+KernelConfig = TileConfig | DecodeConfig | SkinnyConfig | WideConfig
+
+
+def output_planes(config: KernelConfig) -> int:
+    """Planes of ``out``: a tile or wide kernel split over K writes one float32 plane
+    per part (``(splits, M, N)``), which the variant adds; every other kernel, 1."""
+    if isinstance(config, (TileConfig, WideConfig)):
+        return config.splits
+    return 1
 
 _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)"
     r"(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$"
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
+_WIDE_RE = re.compile(r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$")
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]]"
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]] "
+    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM]"
 )
 
 
@@ -412,6 +538,12 @@ def parse_name(name: str) -> KernelConfig:
         if m["w"] is None:
             return SkinnyConfig()
         return SkinnyConfig(warps=int(m["w"]), rows=int(m["r"] or 1))
+    m = _WIDE_RE.match(rest)
+    if m:
+        return WideConfig(
+            warps=int(m["w"]), rows=int(m["r"]), tokens=int(m["m"]), splits=int(m["k"] or 1),
+            decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
+        )
     m = _DECODE_RE.match(rest)
     if m:
         if m["r"] is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_qmmperf.tiled.config import KernelConfig, TileConfig
+from pytest_qmmperf.tiled.config import KernelConfig, output_planes
 from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry, template_args
 
 if TYPE_CHECKING:
@@ -159,9 +159,9 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
 
 
 def _out_layout(kernel: EmulatedKernel) -> tuple[int, int]:
-    """``out``'s planes and element size: a tile split over K writes float32 planes."""
-    splits = kernel.config.splits if isinstance(kernel.config, TileConfig) else 1
-    return (splits, 4) if splits > 1 else (1, 2)
+    """``out``'s planes and element size: a kernel split over K writes float32 planes."""
+    planes = output_planes(kernel.config)
+    return (planes, 4) if planes > 1 else (1, 2)
 
 
 def build(kernels: Sequence[EmulatedKernel], language: str, workdir: Path) -> Path:

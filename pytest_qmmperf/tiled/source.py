@@ -28,10 +28,14 @@ from pytest_qmmperf.tiled.config import (
     PAD,
     SIMD,
     SKINNY_MAX_TOKENS,
+    WIDE_CHUNK_PITCH,
+    WIDE_ROW_PITCH,
     DecodeConfig,
     KernelConfig,
     SkinnyConfig,
     TileConfig,
+    WideConfig,
+    output_planes,
 )
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -558,6 +562,153 @@ $prologue
 """)
 
 
+_WIDE_LOAD = """\
+    // Global -> registers, for the super-step at kl: the block's x as 16-byte
+    // vectors, and this lane's 32 k of its weight rows with their groups' terms.
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      const int r = i / 16;
+      const int c = (i % 16) * 8;
+      xr[j] = qmm_zero4();
+      if ((XV % THREADS == 0 || i < XV) && m0 + r < M && kl + c < K) {
+        xr[j] = *((const ${dev}uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = nw + 16 * f + wd.row + 8 * h;
+        const int k = kl + 32 * wd.chunk;
+        const bool live = k < K && row < N;
+#pragma unroll
+        for (int i = 0; i < CW; i += 4) {
+          uint4 v = qmm_zero4();
+          if (live) {
+            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+          }
+          wn[f][h][i] = qmm_word(v, 0);
+          wn[f][h][i + 1] = qmm_word(v, 1);
+          wn[f][h][i + 2] = qmm_word(v, 2);
+          wn[f][h][i + 3] = qmm_word(v, 3);
+        }
+        spn[f][h] = 0.0f;
+        bpn[f][h] = 0.0f;
+        if (live) {
+          const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
+          spn[f][h] = float(scales[g]) * QSCALE;
+          bpn[f][h] = float(biases[g]) - spn[f][h];
+        }
+      }
+    }
+"""
+
+_WIDE_BODY = Template("""\
+  // Block (bx, by) computes out[m0 : +TOK, bx*W*RF*16 : +W*RF*16] over the
+  // bz-th of KS parts of K (by = bz * MB + m-block). Warp `warp` owns RF
+  // fragments of 16 weight rows from nw. Per 128-k super-step the block
+  // stages x[m0 : +TOK][ks : +128] in threadgroup memory (row pitch XP; the
+  // four 32-k chunks of a row CP apart) while the next super-step's x and
+  // weights are loaded into registers; lane (row r, chunk c) of the layer's
+  // QmmWide holds k = ks + 32c .. +31 of weight rows r and r + 8 of each of
+  // its fragments, dequantizes them pair by pair and multiplies each pair
+  // with every 8-token fragment of x it reads back from threadgroup memory,
+  // in an order of k that both operands share. With KS > 1, out is float32
+  // (KS, M, N) and part bz writes plane bz; the caller adds the planes.
+  constexpr int W = $W;
+  constexpr int RF = $RF;
+  constexpr int TOK = $TOK;
+  constexpr int KS = $KS;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int CP = $CP;
+  constexpr int XP = $XP;
+  constexpr int THREADS = W * $SIMD;
+  constexpr int PACK = 32 / BITS;
+  constexpr int CW = BITS;  // 32-bit words holding 32 values
+  constexpr float QSCALE = float(1 << BITS);
+  constexpr int XV = TOK * 16;  // 16-byte vectors of x per super-step
+  constexpr int XJ = (XV + THREADS - 1) / THREADS;
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int MB = (M + TOK - 1) / TOK;
+  const int bz = by / MB;
+  const int m0 = (by % MB) * TOK;
+  const int nw = bx * W * RF * 16 + int(warp) * RF * 16;
+  // Part bz of K: super-steps [bz * PER, (bz + 1) * PER) of the K / 128.
+  const int PER = ((K + 127) / 128 + KS - 1) / KS;
+  const int kbeg = bz * PER * 128;
+  const int kend = kbeg + PER * 128 < K ? kbeg + PER * 128 : K;
+
+  $shared uint4 xs_raw[TOK * XP / 8];
+  ${tg}T* xs = (${tg}T*)xs_raw;
+  QmmWide<T, TOK / 8, RF, CP, XP> wd;
+  wd.init(lane);
+
+  uint4 xr[XJ];
+  uint32_t wn[RF][2][CW];
+  float spn[RF][2];
+  float bpn[RF][2];
+  int kl = kbeg;
+  if (kl < kend) {
+$load
+  }
+  for (int ks = kbeg; ks < kend; ks += 128) {
+    uint32_t wc[RF][2][CW];
+    float sp[RF][2];
+    float bp[RF][2];
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int i = 0; i < CW; ++i) {
+          wc[f][h][i] = wn[f][h][i];
+        }
+        sp[f][h] = spn[f][h];
+        bp[f][h] = bpn[f][h];
+      }
+    }
+    $barrier;
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      if (XV % THREADS == 0 || i < XV) {
+        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) = xr[j];
+      }
+    }
+    $barrier;
+    kl = ks + 128;
+    if (kl < kend) {
+$load
+    }
+    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit); step s of the
+    // layer's QMM_WIDE_STEPS takes QMM_WIDE_PAIRS pairs of each row.
+#pragma unroll
+    for (int s = 0; s < QMM_WIDE_STEPS; ++s) {
+      wd.load_x(xs, s);
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+        uint32_t pa[QMM_WIDE_PAIRS];
+        uint32_t pb[QMM_WIDE_PAIRS];
+#pragma unroll
+        for (int p = 0; p < QMM_WIDE_PAIRS; ++p) {
+          const int j = 2 * (s * QMM_WIDE_PAIRS + p);
+          pa[p] = qmm_pack<T>(sp[f][0] * qmm_unit<BITS>(wc[f][0][j / PACK], j % PACK) + bp[f][0],
+                              sp[f][0] * qmm_unit<BITS>(wc[f][0][j / PACK], j % PACK + 1) + bp[f][0]);
+          pb[p] = qmm_pack<T>(sp[f][1] * qmm_unit<BITS>(wc[f][1][j / PACK], j % PACK) + bp[f][1],
+                              sp[f][1] * qmm_unit<BITS>(wc[f][1][j / PACK], j % PACK + 1) + bp[f][1]);
+        }
+        wd.mma(f, s, pa, pb);
+      }
+    }
+  }
+  wd.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
+""")
+
+
 def _indent_free(text: str) -> str:
     return text.rstrip("\n")
 
@@ -567,6 +718,8 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         key: Template(val).substitute(dev=dialect.dev, tg=dialect.tg)
         for key, val in (("load", _TILED_LOAD), ("store", _TILED_STORE))
     }
+    if template is _WIDE_BODY:
+        snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev)
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
@@ -616,6 +769,13 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         body = _render(_SKINNY_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
                        GS=group_size)
         stem = f"qmmperf_skinny_w{config.warps}r{config.rows}_b{bits}_g{group_size}_{language}"
+    elif isinstance(config, WideConfig):
+        body = _render(
+            _WIDE_BODY, dialect, W=config.warps, RF=config.rows, TOK=config.tokens,
+            KS=config.splits, BITS=bits, GS=group_size, CP=WIDE_CHUNK_PITCH, XP=WIDE_ROW_PITCH,
+        )
+        stem = (f"qmmperf_wide_w{config.warps}r{config.rows}m{config.tokens}k{config.splits}"
+                f"_b{bits}_g{group_size}_{language}")
     elif isinstance(config, DecodeConfig):
         body = _render(
             _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors,
@@ -626,10 +786,9 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
-    split = isinstance(config, TileConfig) and config.splits > 1
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
-        threads=config.threads, output_dtype="float32" if split else None,
+        threads=config.threads, output_dtype="float32" if output_planes(config) > 1 else None,
     )
 
 
@@ -669,6 +828,8 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     threads = config.threads
     if isinstance(config, TileConfig):
         blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm) * config.splits)
+    elif isinstance(config, WideConfig):
+        blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, config.tokens) * config.splits)
     elif isinstance(config, SkinnyConfig):
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, 8 * skinny_tiles(M)))
     else:

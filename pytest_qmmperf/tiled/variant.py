@@ -14,6 +14,8 @@ from pytest_qmmperf.tiled.config import (
     SkinnyConfig,
     TileConfig,
     TileError,
+    WideConfig,
+    output_planes,
     spec_reason,
 )
 from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, template_args
@@ -79,9 +81,9 @@ def built_kernels() -> list[str]:
 class TiledQmm:
     """A tiled QMM variant: ``x @ dequantize(w).T`` through the generated kernels.
 
-    For a tile configuration, M = 1 goes to the decode kernel (as MLX sends
-    small M to its matrix-vector kernel), 2 <= M <= ``decode_max_m`` to the
-    skinny kernel, larger M to the tile.
+    For a tile or wide configuration, M = 1 goes to the decode kernel (as
+    MLX sends small M to its matrix-vector kernel), 2 <= M <=
+    ``decode_max_m`` to the skinny kernel, larger M to the tile or wide kernel.
     """
 
     def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None,
@@ -97,7 +99,7 @@ class TiledQmm:
 
     def kernel_for(self, M: int) -> KernelConfig:
         """The configuration that runs M rows."""
-        if not isinstance(self.config, TileConfig):
+        if not isinstance(self.config, (TileConfig, WideConfig)):
             return self.config
         if M > self.config.decode_max_m:
             return self.config
@@ -127,7 +129,7 @@ class TiledQmm:
         out = kern(inputs=[x if flat is None else x.reshape(flat), w, scales, biases],
                    **launch)[0]
         if partial:
-            # A tile split over K: add its float32 planes, then round once to x's dtype.
+            # A kernel split over K: add its float32 planes, then round once to x's dtype.
             out = out.sum(axis=0).astype(x.dtype)
         if flat is None:
             return out
@@ -167,7 +169,7 @@ class TiledQmm:
         src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
-        splits = config.splits if isinstance(config, TileConfig) else 1
+        splits = output_planes(config)
         partial = splits > 1
         out_shape = (splits, M, N) if partial else (M, N)
         out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
@@ -191,6 +193,11 @@ def describe(config: KernelConfig) -> str:
                 f"row and lane a step, {config.warps} warps a block{split}; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     split = f", K split over {config.splits} blocks" if config.splits > 1 else ""
+    if isinstance(config, WideConfig):
+        return (f"{FAMILY} wide kernel: {config.rows_per_block} weight rows x {config.tokens} "
+                f"tokens a block, weights dequantized in registers, x staged in threadgroup "
+                f"memory{split}, decode/skinny kernels for M <= {config.decode_max_m}; "
+                f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
             f"{config.wm}x{config.wn} SIMD groups{split}, decode/skinny kernels for M <= "
             f"{config.decode_max_m}; "

@@ -141,6 +141,16 @@ inline void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p) { qmm_emu_ldmatrix<
 // t = lane % 4, A regs hold (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..);
 // B regs hold k = 2t..2t+1 and 2t+8..2t+9 of column g; D holds (g, 2t), (g, 2t+1),
 // (g+8, 2t), (g+8, 2t+1).
+inline uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float r = std::fma(qmm_emu::elem<__half>(a, h), qmm_emu::elem<__half>(b, h),
+                             qmm_emu::elem<__half>(c, h));
+    d |= static_cast<uint32_t>(__half(r).bits) << (16 * h);
+  }
+  return d;
+}
+
 template <typename T>
 struct QmmMma {
   static void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

@@ -14,6 +14,7 @@
 #include <array>
 #include <barrier>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <memory>

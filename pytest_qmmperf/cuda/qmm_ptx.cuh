@@ -1,8 +1,9 @@
 // qmmperf tiled QMM: the tensor-core instructions of the CUDA layer, as inline PTX.
 //
-// ldmatrix and mma.sync m16n8k16 (sm_80 and newer, f16 or bf16 in, f32
-// accumulate). Kept apart from qmm_layer.cuh so that a CPU emulation of
-// these three functions can run the rest of the generated source unchanged.
+// ldmatrix, mma.sync m16n8k16 (sm_80 and newer, f16 or bf16 in, f32
+// accumulate) and a packed-half FMA. Kept apart from qmm_layer.cuh so that a
+// CPU emulation of these functions can run the rest of the generated source
+// unchanged.
 
 #ifndef QMMPERF_CUDA_QMM_PTX
 #define QMMPERF_CUDA_QMM_PTX
@@ -29,6 +30,13 @@ __device__ __forceinline__ void qmm_ldmatrix_x2(uint32_t (&r)[2], const void* p)
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
                : "r"(qmm_smem_addr(p)));
+}
+
+// a * b + c on two halves packed in a 32-bit word, low half first; one rounding.
+__device__ __forceinline__ uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
 // D = A (16x16, row-major) x B (16x8, column-major) + D in float.

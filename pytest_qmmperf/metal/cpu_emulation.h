@@ -63,6 +63,11 @@ inline T as_type(U x) {
 
 inline float simd_sum(float v) { return qmm_emu::warp_sum(v); }
 
+inline half fma(half a, half b, half c) {
+  return static_cast<half>(std::fma(static_cast<float>(a), static_cast<float>(b),
+                                    static_cast<float>(c)));
+}
+
 template <typename T, int Cols, int Rows>
 struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "the emulation implements 8x8 matrices");

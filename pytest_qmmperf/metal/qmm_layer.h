@@ -61,6 +61,55 @@ inline uint32_t qmm_pack(float a, float b) {
       (uint32_t(as_type<ushort>(static_cast<T>(b))) << 16);
 }
 
+// Two values of a packed word dequantized to T and packed, low half first:
+// the word's "pair" i (0 <= i < 16 / BITS) holds its values i and
+// i + 16 / BITS, which is where the magic-number conversion below finds them
+// (the wide kernel stages x in the same order). set() takes the group's
+// scale and bias.
+// The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
+// bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
+template <typename T, int BITS>
+struct QmmDq {
+  float sp;
+  float bp;
+  inline void set(float s, float b) {
+    sp = s * float(1 << BITS);
+    bp = b - sp;
+  }
+  inline uint32_t pair(uint32_t word, int i) const {
+    return qmm_pack<T>(sp * qmm_unit<BITS>(word, i) + bp,
+                       sp * qmm_unit<BITS>(word, i + 16 / BITS) + bp);
+  }
+};
+
+// half: both values masked under the exponent of 1024 (0x6400: 1024 + q,
+// exact for q < 1024), 1024 subtracted exactly, then s * q + b in one FMA.
+template <int BITS>
+struct QmmDq<half, BITS> {
+  half s2;
+  half b2;
+  inline void set(float s, float b) {
+    s2 = static_cast<half>(s);
+    b2 = static_cast<half>(b);
+  }
+  inline uint32_t pair(uint32_t word, int i) const {
+    const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+    const uint32_t h = ((word >> (BITS * i)) & mask) | 0x64006400u;
+    const half lo = fma(as_type<half>(ushort(h & 0xFFFFu)) - half(1024), s2, b2);
+    const half hi = fma(as_type<half>(ushort(h >> 16)) - half(1024), s2, b2);
+    return uint32_t(as_type<ushort>(lo)) | (uint32_t(as_type<ushort>(hi)) << 16);
+  }
+};
+
+inline uint4 qmm_make4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  uint4 v;
+  v.x = a;
+  v.y = b;
+  v.z = c;
+  v.w = d;
+  return v;
+}
+
 inline float qmm_warp_sum(float v) {
   return simd_sum(v);
 }

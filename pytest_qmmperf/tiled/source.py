@@ -593,12 +593,12 @@ _WIDE_LOAD = """\
           wn[f][h][i + 2] = qmm_word(v, 2);
           wn[f][h][i + 3] = qmm_word(v, 3);
         }
-        spn[f][h] = 0.0f;
-        bpn[f][h] = 0.0f;
+        sn[f][h] = 0.0f;
+        bn[f][h] = 0.0f;
         if (live) {
           const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-          spn[f][h] = float(scales[g]) * QSCALE;
-          bpn[f][h] = float(biases[g]) - spn[f][h];
+          sn[f][h] = float(scales[g]);
+          bn[f][h] = float(biases[g]);
         }
       }
     }
@@ -612,9 +612,10 @@ _WIDE_BODY = Template("""\
   // four 32-k chunks of a row CP apart) while the next super-step's x and
   // weights are loaded into registers; lane (row r, chunk c) of the layer's
   // QmmWide holds k = ks + 32c .. +31 of weight rows r and r + 8 of each of
-  // its fragments, dequantizes them pair by pair and multiplies each pair
+  // its fragments, dequantizes them pair by pair (the layer's QmmDq: pair i
+  // of a word holds its values i and i + PACK / 2) and multiplies each pair
   // with every 8-token fragment of x it reads back from threadgroup memory,
-  // in an order of k that both operands share. With KS > 1, out is float32
+  // where x is staged in the same pair order. With KS > 1, out is float32
   // (KS, M, N) and part bz writes plane bz; the caller adds the planes.
   constexpr int W = $W;
   constexpr int RF = $RF;
@@ -627,7 +628,7 @@ _WIDE_BODY = Template("""\
   constexpr int THREADS = W * $SIMD;
   constexpr int PACK = 32 / BITS;
   constexpr int CW = BITS;  // 32-bit words holding 32 values
-  constexpr float QSCALE = float(1 << BITS);
+  constexpr int PW = PACK / 2;  // pairs per word
   constexpr int XV = TOK * 16;  // 16-byte vectors of x per super-step
   constexpr int XJ = (XV + THREADS - 1) / THREADS;
 $prologue
@@ -649,16 +650,15 @@ $prologue
 
   uint4 xr[XJ];
   uint32_t wn[RF][2][CW];
-  float spn[RF][2];
-  float bpn[RF][2];
+  float sn[RF][2];
+  float bn[RF][2];
   int kl = kbeg;
   if (kl < kend) {
 $load
   }
   for (int ks = kbeg; ks < kend; ks += 128) {
     uint32_t wc[RF][2][CW];
-    float sp[RF][2];
-    float bp[RF][2];
+    QmmDq<T, BITS> dq[RF][2];
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
@@ -667,16 +667,23 @@ $load
         for (int i = 0; i < CW; ++i) {
           wc[f][h][i] = wn[f][h][i];
         }
-        sp[f][h] = spn[f][h];
-        bp[f][h] = bpn[f][h];
+        dq[f][h].set(sn[f][h], bn[f][h]);
       }
     }
     $barrier;
+    // x staged in pair order: each 16-byte vector (8 values) becomes the
+    // pairs (i, i + PACK / 2) of its PACK-value groups, as QmmDq pairs weights.
 #pragma unroll
     for (int j = 0; j < XJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (XV % THREADS == 0 || i < XV) {
-        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) = xr[j];
+        const uint32_t a = qmm_word(xr[j], 0);
+        const uint32_t b = qmm_word(xr[j], BITS == 4 ? 2 : 1);
+        const uint32_t c = qmm_word(xr[j], BITS == 4 ? 1 : 2);
+        const uint32_t d = qmm_word(xr[j], 3);
+        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) = qmm_make4(
+            (a & 0xFFFFu) | (b << 16), (a >> 16) | (b & 0xFFFF0000u),
+            (c & 0xFFFFu) | (d << 16), (c >> 16) | (d & 0xFFFF0000u));
       }
     }
     $barrier;
@@ -684,8 +691,8 @@ $load
     if (kl < kend) {
 $load
     }
-    // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit); step s of the
-    // layer's QMM_WIDE_STEPS takes QMM_WIDE_PAIRS pairs of each row.
+    // Step s of the layer's QMM_WIDE_STEPS takes QMM_WIDE_PAIRS pairs of each
+    // row: pair q of the chunk is pair q % PW of word q / PW.
 #pragma unroll
     for (int s = 0; s < QMM_WIDE_STEPS; ++s) {
       wd.load_x(xs, s);
@@ -695,11 +702,9 @@ $load
         uint32_t pb[QMM_WIDE_PAIRS];
 #pragma unroll
         for (int p = 0; p < QMM_WIDE_PAIRS; ++p) {
-          const int j = 2 * (s * QMM_WIDE_PAIRS + p);
-          pa[p] = qmm_pack<T>(sp[f][0] * qmm_unit<BITS>(wc[f][0][j / PACK], j % PACK) + bp[f][0],
-                              sp[f][0] * qmm_unit<BITS>(wc[f][0][j / PACK], j % PACK + 1) + bp[f][0]);
-          pb[p] = qmm_pack<T>(sp[f][1] * qmm_unit<BITS>(wc[f][1][j / PACK], j % PACK) + bp[f][1],
-                              sp[f][1] * qmm_unit<BITS>(wc[f][1][j / PACK], j % PACK + 1) + bp[f][1]);
+          const int q = s * QMM_WIDE_PAIRS + p;
+          pa[p] = dq[f][0].pair(wc[f][0][q / PW], q % PW);
+          pb[p] = dq[f][1].pair(wc[f][1][q / PW], q % PW);
         }
         wd.mma(f, s, pa, pb);
       }

@@ -123,8 +123,17 @@ struct QmmDq<__half, BITS> {
   }
 };
 
-__device__ __forceinline__ uint4 qmm_make4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  return make_uint4(a, b, c, d);
+// Eight consecutive 16-bit activations (four words of pairs) in the pair
+// order of QmmDq<T, BITS>: the pairs (i, i + 16 / BITS) of each group of
+// 32 / BITS values, so that a word's pair i of x meets the weights' pair i.
+template <int BITS>
+__device__ __forceinline__ uint4 qmm_pair_order(const uint4& v) {
+  const uint32_t a = v.x;
+  const uint32_t b = BITS == 4 ? v.z : v.y;
+  const uint32_t c = BITS == 4 ? v.y : v.z;
+  const uint32_t d = v.w;
+  return make_uint4((a & 0xFFFFu) | (b << 16), (a >> 16) | (b & 0xFFFF0000u),
+                    (c & 0xFFFFu) | (d << 16), (c >> 16) | (d & 0xFFFF0000u));
 }
 
 __device__ __forceinline__ float qmm_warp_sum(float v) {
@@ -219,7 +228,7 @@ struct QmmWarpTile {
 // m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its
 // pair 2s+1, in A (weights) and B (x) alike, so each lane only uses data it
 // loaded itself; the x it loads serves all RF fragments.
-template <typename T, int TILES, int RF>
+template <typename T, int TILES, int RF, int BITS>
 struct QmmSkinny {
   static constexpr int ACC = 4 * TILES;  // accumulators per fragment
   float acc[RF][TILES][4];
@@ -246,7 +255,7 @@ struct QmmSkinny {
     }
   }
 
-  // x[m0 + 8i + g][ks + 32t .. +31] as pairs; zeros past M or K.
+  // x[m0 + 8i + g][ks + 32t .. +31] as pairs, in QmmDq's pair order; zeros past M or K.
   __device__ __forceinline__ void load_x(const T* x, int m0, int ks, int K, int M) {
     const int k = ks + 32 * t;
 #pragma unroll
@@ -259,6 +268,7 @@ struct QmmSkinny {
           v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * static_cast<size_t>(K) +
                                               static_cast<size_t>(k + 8 * c));
         }
+        v = qmm_pair_order<BITS>(v);
         xw[i][4 * c] = v.x;
         xw[i][4 * c + 1] = v.y;
         xw[i][4 * c + 2] = v.z;

@@ -101,13 +101,21 @@ struct QmmDq<half, BITS> {
   }
 };
 
-inline uint4 qmm_make4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  uint4 v;
-  v.x = a;
-  v.y = b;
-  v.z = c;
-  v.w = d;
-  return v;
+// Eight consecutive 16-bit activations (four words of pairs) in the pair
+// order of QmmDq<T, BITS>: the pairs (i, i + 16 / BITS) of each group of
+// 32 / BITS values, so that a word's pair i of x meets the weights' pair i.
+template <int BITS>
+inline uint4 qmm_pair_order(uint4 v) {
+  const uint32_t a = v.x;
+  const uint32_t b = BITS == 4 ? v.z : v.y;
+  const uint32_t c = BITS == 4 ? v.y : v.z;
+  const uint32_t d = v.w;
+  uint4 o;
+  o.x = (a & 0xFFFFu) | (b << 16);
+  o.y = (a >> 16) | (b & 0xFFFF0000u);
+  o.z = (c & 0xFFFFu) | (d << 16);
+  o.w = (c >> 16) | (d & 0xFFFF0000u);
+  return o;
 }
 
 inline float qmm_warp_sum(float v) {
@@ -195,12 +203,13 @@ struct QmmWarpTile {
 // tokens per SIMD group, as 8x8 simdgroup matrices: A = weights (rows x k; rows 0-7 and
 // 8-15), B = x.T (k x tokens), C = rows x tokens. Lane (fm, fn) owns weight
 // rows fm and fm + 8 at chunk fn / 2 of each 128-k super-step (k = 32 * chunk
-// .. +31). Step s (of 16) gives A's k slot 2c + e the chunk's value 2s + e;
-// B's slot r is then value 2s + r % 2 of chunk r / 2, which lane (fm, fn)
-// loads for its tokens fn and fn + 1. The same idea as the CUDA layer's
+// .. +31). Step s (of 16) gives A's k slot 2c + e element e of chunk c's
+// pair s (QmmDq's pair order, in which load_x also keeps x); B's slot r is
+// then element r % 2 of pair s of chunk r / 2, which lane (fm, fn) loads for
+// its tokens fn and fn + 1. The same idea as the CUDA layer's
 // QmmSkinny, with Metal's fragment layout; the x a lane loads serves all RF
 // fragments.
-template <typename T, int TILES, int RF>
+template <typename T, int TILES, int RF, int BITS>
 struct QmmSkinny {
   static constexpr int ACC = 4 * TILES;  // accumulators per fragment
   simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
@@ -241,6 +250,7 @@ struct QmmSkinny {
           if (k < K && m < M) {
             v = *((const device uint4*)(x + size_t(m) * size_t(K) + size_t(k + 8 * c)));
           }
+          v = qmm_pair_order<BITS>(v);
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             if (e == 0) {
@@ -287,9 +297,10 @@ struct QmmSkinny {
 // owns weight rows fm and fm + 8 of each of RF fragments at chunk fn / 2 of
 // each 128-k super-step), with x read back from the block's threadgroup copy
 // (token row pitch XP halves, chunks CP apart) for TILES 8-token fragments.
-// Step s (of QMM_WIDE_STEPS) gives A's k slot 2c + e the chunk's value 2s +
-// e; B's slot r is value 2s + r % 2 of chunk r / 2, which lane (fm, fn) reads
-// for its tokens fn and fn + 1.
+// Step s (of QMM_WIDE_STEPS) gives A's k slot 2c + e element e of chunk c's
+// pair s (QmmDq's pair order, in which x is staged); B's slot r is element
+// r % 2 of pair s of chunk r / 2, which lane (fm, fn) reads for its tokens
+// fn and fn + 1.
 #define QMM_WIDE_STEPS 16
 #define QMM_WIDE_PAIRS 1
 template <typename T, int TILES, int RF, int CP, int XP>

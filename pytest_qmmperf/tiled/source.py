@@ -472,7 +472,7 @@ _SKINNY_BODY = Template("""\
   constexpr int GS = $GS;
   constexpr int PACK = 32 / BITS;
   constexpr int CW = BITS;  // 32-bit words holding 32 values
-  constexpr float QSCALE = float(1 << BITS);
+  constexpr int PW = PACK / 2;  // pairs per word
   constexpr int ACC = 4 * TILES * RF;
 $prologue
   const int KW = K / PACK;
@@ -480,7 +480,7 @@ $prologue
   const int n0 = bx * 16 * RF;
   const int m0 = by * 8 * TILES;
 
-  QmmSkinny<T, TILES, RF> sk;
+  QmmSkinny<T, TILES, RF, BITS> sk;
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
@@ -489,8 +489,7 @@ $prologue
     // Every load of the step first (weights, their group's terms, x), so
     // that their latencies overlap; then dequantize and multiply.
     uint32_t wv[RF][2][CW];
-    float sp[RF][2];
-    float bp[RF][2];
+    QmmDq<T, BITS> dq[RF][2];
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
@@ -507,35 +506,27 @@ $prologue
           wv[f][h][i + 2] = qmm_word(v, 2);
           wv[f][h][i + 3] = qmm_word(v, 3);
         }
-        sp[f][h] = 0.0f;
-        bp[f][h] = 0.0f;
+        float s = 0.0f;
+        float b = 0.0f;
         if (live && row < N) {
           const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-          sp[f][h] = float(scales[g]) * QSCALE;
-          bp[f][h] = float(biases[g]) - sp[f][h];
+          s = float(scales[g]);
+          b = float(biases[g]);
         }
+        dq[f][h].set(s, b);
       }
     }
     sk.load_x(x, m0, ks, K, M);
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
-      // s * q + b = sp * f + bp, f = 1 + q / 2^BITS (qmm_unit)
+      // Pair q of the chunk is pair q % PW of word q / PW (the layer's QmmDq);
+      // the layer's load_x put x in the same pair order.
       uint32_t pa[16];
       uint32_t pb[16];
 #pragma unroll
-      for (int p = 0; p < 16; ++p) {
-        float v[2][2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = 2 * p + e;
-            const uint32_t word = wv[f][h][j / PACK];
-            v[h][e] = sp[f][h] * qmm_unit<BITS>(word, j % PACK) + bp[f][h];
-          }
-        }
-        pa[p] = qmm_pack<T>(v[0][0], v[0][1]);
-        pb[p] = qmm_pack<T>(v[1][0], v[1][1]);
+      for (int q = 0; q < 16; ++q) {
+        pa[q] = dq[f][0].pair(wv[f][0][q / PW], q % PW);
+        pb[q] = dq[f][1].pair(wv[f][1][q / PW], q % PW);
       }
       sk.mma(f, pa, pb);
     }
@@ -671,19 +662,13 @@ $load
       }
     }
     $barrier;
-    // x staged in pair order: each 16-byte vector (8 values) becomes the
-    // pairs (i, i + PACK / 2) of its PACK-value groups, as QmmDq pairs weights.
+    // x staged in pair order (the layer's qmm_pair_order), as QmmDq pairs weights.
 #pragma unroll
     for (int j = 0; j < XJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (XV % THREADS == 0 || i < XV) {
-        const uint32_t a = qmm_word(xr[j], 0);
-        const uint32_t b = qmm_word(xr[j], BITS == 4 ? 2 : 1);
-        const uint32_t c = qmm_word(xr[j], BITS == 4 ? 1 : 2);
-        const uint32_t d = qmm_word(xr[j], 3);
-        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) = qmm_make4(
-            (a & 0xFFFFu) | (b << 16), (a >> 16) | (b & 0xFFFF0000u),
-            (c & 0xFFFFu) | (d << 16), (c >> 16) | (d & 0xFFFF0000u));
+        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) =
+            qmm_pair_order<BITS>(xr[j]);
       }
     }
     $barrier;

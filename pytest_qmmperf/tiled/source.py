@@ -465,7 +465,8 @@ _SKINNY_BODY = Template("""\
   // quantization group) and dequantizes them into pairs of T; the layer
   // loads the x it needs once for all fragments and feeds both to the matrix
   // unit, in an order of k that both operands share (a sum over k does not
-  // care). The warps' partial sums meet in threadgroup memory; warp 0 writes out.
+  // care). The warps' partial sums meet in threadgroup memory, where the
+  // warps share out adding them up and writing out.
   constexpr int W = $W;
   constexpr int RF = $RF;
   constexpr int BITS = $BITS;
@@ -536,18 +537,17 @@ $prologue
     red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.value(e);
   }
   $barrier;
-  if (warp == 0u) {
+  // Warp q adds up accumulators q, q + W, ... over the warps, in warp order.
 #pragma unroll
-    for (int e = 0; e < ACC; ++e) {
+  for (int e = 0; e < ACC; ++e) {
+    const int m = m0 + sk.token(e);
+    const int n = n0 + sk.out_row(e);
+    if (e % W == int(warp) && m < M && n < N) {
       float v = 0.0f;
       for (int q = 0; q < W; ++q) {
         v += red[(q * ACC + e) * $SIMD + int(lane)];
       }
-      const int m = m0 + sk.token(e);
-      const int n = n0 + sk.out_row(e);
-      if (m < M && n < N) {
-        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(v);
-      }
+      out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(v);
     }
   }
 """)

@@ -123,8 +123,8 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:skinny:w8r0", "rows=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k0", "splits=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k17", "splits=17 exceeds 16 blocks per output tile"),
-        ("tiled:wide:w4r2m12", "tokens=12 must be a multiple of 8 (8-token fragments) up to 96"),
-        ("tiled:wide:w8r1m104", "tokens=104 must be a multiple of 8"),
+        ("tiled:wide:w4r2m12", "tokens=12 must be a multiple of 8 (8-token fragments) up to 64"),
+        ("tiled:wide:w8r1m72", "tokens=72 must be a multiple of 8 (8-token fragments) up to 64"),
         ("tiled:wide:w4r5m16", "rows=5 exceeds 4 16-row fragments per warp"),
         # 64 accumulators + 32 for the next x + 80 for this and the next weights
         ("tiled:wide:w4r2m64", "keeps 176 registers live across the K loop (64 accumulators"),

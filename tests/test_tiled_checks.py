@@ -40,7 +40,7 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
     "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:96x64x64:wm4wn2:k4",
     "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w8r2m64", "tiled:wide:w4r1m16:k4",
-    "tiled:wide:w8r1m96",
+    "tiled:wide:w4r2m32:k4",
 )]
 
 

@@ -305,17 +305,30 @@ struct QmmSkinny {
 // The wide kernel's fragments: the skinny kernel's lane layout (lane (g, t)
 // owns weight rows g and g + 8 of each of RF fragments at chunk t, k = 32t
 // .. 32t + 31 of each 128-k super-step), with x read back from the block's
-// threadgroup copy (token row pitch XP halves, chunks CP apart) for TILES
-// 8-token fragments. Step s (of QMM_WIDE_STEPS) gives m16n8k16's k slots
+// threadgroup copy (token row pitch XP halves, 16-byte units placed by
+// qmm_wide_unit) for TILES 8-token fragments. Step s (of QMM_WIDE_STEPS) gives m16n8k16's k slots
 // 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1 (x words
 // 2s and 2s+1 of the chunk), in A and B alike; a lane reads 16 bytes of
 // each token, two steps' worth, every other step.
+// The wide kernel's staged x: 16-byte unit u (0-15) of token row `row` sits
+// at unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
+// 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of
+// each) and the staging stores (8 consecutive units of a row) hit 8
+// different groups of 4 banks.
+__device__ __forceinline__ int qmm_wide_unit(int row, int u) {
+  return u ^ (((u >> 3) & 1) << 1) ^ (row & 1);
+}
+
 #define QMM_WIDE_STEPS 8
 #define QMM_WIDE_PAIRS 2
-template <typename T, int TILES, int RF, int CP, int XP>
+template <typename T, int TILES, int RF, int XP>
 struct QmmWide {
   float acc[RF][TILES][4];
   uint32_t xq[TILES][4];  // x of token g + 8i, words 2s .. 2s + 3 of the chunk
+  // Unit j of chunk t of token g starts at xo + ((8j) ^ xc): qmm_wide_unit(g, 4t + j)
+  // only flips the two low bits of j (tokens g + 8i: 8i rows further, same parity).
+  int xo;
+  int xc;
   int row;
   int chunk;
   int g;
@@ -326,6 +339,8 @@ struct QmmWide {
     t = static_cast<int>(lane) & 3;
     row = g;
     chunk = t;
+    xo = g * XP + 32 * t;
+    xc = (qmm_wide_unit(g, 4 * t) - 4 * t) * 8;
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
@@ -342,7 +357,7 @@ struct QmmWide {
     if ((s & 1) == 0) {
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(xs + (8 * i + g) * XP + t * CP + 4 * s);
+        const uint4 v = *reinterpret_cast<const uint4*>(xs + xo + (((s / 2) * 8) ^ xc) + 8 * i * XP);
         xq[i][0] = v.x;
         xq[i][1] = v.y;
         xq[i][2] = v.z;

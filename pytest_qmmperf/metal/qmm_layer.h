@@ -296,14 +296,24 @@ struct QmmSkinny {
 // The wide kernel's fragments: the skinny kernel's lane layout (lane (fm, fn)
 // owns weight rows fm and fm + 8 of each of RF fragments at chunk fn / 2 of
 // each 128-k super-step), with x read back from the block's threadgroup copy
-// (token row pitch XP halves, chunks CP apart) for TILES 8-token fragments.
+// (token row pitch XP halves, 16-byte units placed by qmm_wide_unit) for
+// TILES 8-token fragments.
 // Step s (of QMM_WIDE_STEPS) gives A's k slot 2c + e element e of chunk c's
 // pair s (QmmDq's pair order, in which x is staged); B's slot r is element
 // r % 2 of pair s of chunk r / 2, which lane (fm, fn) reads for its tokens
 // fn and fn + 1.
+// The wide kernel's staged x: 16-byte unit u (0-15) of token row `row` sits
+// at unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
+// 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of
+// each) and the staging stores (8 consecutive units of a row) hit 8
+// different groups of 4 banks.
+inline int qmm_wide_unit(int row, int u) {
+  return u ^ (((u >> 3) & 1) << 1) ^ (row & 1);
+}
+
 #define QMM_WIDE_STEPS 16
 #define QMM_WIDE_PAIRS 1
-template <typename T, int TILES, int RF, int CP, int XP>
+template <typename T, int TILES, int RF, int XP>
 struct QmmWide {
   simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
   float xv[TILES][2];  // tokens fn and fn + 1 of fragment i at this step's k slot fm
@@ -334,7 +344,9 @@ struct QmmWide {
     for (int i = 0; i < TILES; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        xv[i][e] = static_cast<float>(xs[(8 * i + fn + e) * XP + (fm / 2) * CP + 2 * s + fm % 2]);
+        const int row = 8 * i + fn + e;
+        const int k = 32 * (fm / 2) + 2 * s + fm % 2;  // this step's k slot fm in the row
+        xv[i][e] = static_cast<float>(xs[row * XP + qmm_wide_unit(row, k / 8) * 8 + k % 8]);
       }
     }
   }

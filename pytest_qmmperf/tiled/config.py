@@ -68,18 +68,19 @@ SKINNY_MAX_TOKENS = 16
 MAX_SKINNY_ROWS = 4
 #: K one skinny super-step covers: 4 lanes x 32 consecutive k each.
 SKINNY_STEP_K = 128
-#: The wide kernel: a lane's 32 k of a 128-k super-step sit in a chunk of
-#: this many halves in threadgroup memory, four chunks (plus padding) to a
-#: token's row. 40 and 160 make the CUDA layer's 16-byte fragment reads
-#: free of bank conflicts (each quarter-warp: tokens g, g+1 x chunks 0-3).
-WIDE_CHUNK_PITCH = 40
-WIDE_ROW_PITCH = 160
-#: Tokens one wide block stages at most (threadgroup memory: 96 x 160 halves).
-MAX_WIDE_TOKENS = 96
+#: The wide kernel stages each token's 128 k of a super-step in a row of this
+#: many halves, its 16-byte units swizzled (the layers' qmm_wide_unit) so
+#: that the CUDA layer's 16-byte fragment reads (each quarter-warp: tokens g,
+#: g+1 x chunks 0-3) and the staging stores are free of bank conflicts; two
+#: buffers, so that a super-step needs one barrier.
+WIDE_ROW_PITCH = 128
+#: Tokens one wide block stages at most (threadgroup memory: 2 x 64 x 128 halves).
+MAX_WIDE_TOKENS = 64
 #: :attr:`WideConfig.live_registers` at most. ptxas for sm_90a adds 60-100 to
 #: it (the unrolled steps' dequantized pairs and addresses): at 160
-#: (w8r2m64) it allocates 233-253 registers without spills; at 176 (w4r2m64)
-#: and 200 (w4r4m16) it spills 24-100 bytes at 8 bits.
+#: (w8r2m64) it allocates 235-254 registers without spills; at 176 (w4r2m64)
+#: and 200 (w4r4m16) it spills 24-100 bytes at 8 bits. Near the limit the
+#: schedule decides: w4r2m48 (152) spills 8 bytes with bfloat16 at 8 bits.
 MAX_WIDE_LIVE_REGISTERS = 160
 #: Rows of x one decode block handles at most; larger M is split over the grid's y axis.
 DECODE_MAX_TOKENS = 8
@@ -464,8 +465,9 @@ class WideConfig:
 
     @property
     def shared_bytes(self) -> int:
-        """The staged activations: ``tokens`` rows of :data:`WIDE_ROW_PITCH` halves."""
-        return self.tokens * WIDE_ROW_PITCH * 2
+        """The staged activations: two buffers of ``tokens`` rows of
+        :data:`WIDE_ROW_PITCH` halves."""
+        return 2 * self.tokens * WIDE_ROW_PITCH * 2
 
     @property
     def live_registers(self) -> int:

@@ -28,7 +28,6 @@ from pytest_qmmperf.tiled.config import (
     PAD,
     SIMD,
     SKINNY_MAX_TOKENS,
-    WIDE_CHUNK_PITCH,
     WIDE_ROW_PITCH,
     DecodeConfig,
     KernelConfig,
@@ -595,18 +594,31 @@ _WIDE_LOAD = """\
     }
 """
 
+_WIDE_STAGE = """\
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = int(tid) + j * THREADS;
+      if (XV % THREADS == 0 || i < XV) {
+        *((${tg}uint4*)($dst + (i / 16) * XP + qmm_wide_unit(i / 16, i % 16) * 8)) =
+            qmm_pair_order<BITS>(xr[j]);
+      }
+    }
+"""
+
 _WIDE_BODY = Template("""\
   // Block (bx, by) computes out[m0 : +TOK, bx*W*RF*16 : +W*RF*16] over the
   // bz-th of KS parts of K (by = bz * MB + m-block). Warp `warp` owns RF
   // fragments of 16 weight rows from nw. Per 128-k super-step the block
-  // stages x[m0 : +TOK][ks : +128] in threadgroup memory (row pitch XP; the
-  // four 32-k chunks of a row CP apart) while the next super-step's x and
-  // weights are loaded into registers; lane (row r, chunk c) of the layer's
-  // QmmWide holds k = ks + 32c .. +31 of weight rows r and r + 8 of each of
-  // its fragments, dequantizes them pair by pair (the layer's QmmDq: pair i
-  // of a word holds its values i and i + PACK / 2) and multiplies each pair
-  // with every 8-token fragment of x it reads back from threadgroup memory,
-  // where x is staged in the same pair order. With KS > 1, out is float32
+  // stages x[m0 : +TOK][ks : +128] in one of two threadgroup buffers (row
+  // pitch XP; 16-byte unit u of a row at the layer's qmm_wide_unit) while
+  // the next super-step's x and weights are loaded into registers; lane
+  // (row r, chunk c) of the layer's QmmWide holds k = ks + 32c .. +31 of
+  // weight rows r and r + 8 of each of its fragments, dequantizes them pair
+  // by pair (the layer's QmmDq: pair i of a word holds its values i and
+  // i + PACK / 2) and multiplies each pair with every 8-token fragment of x
+  // it reads back from threadgroup memory, where x is staged in the same
+  // pair order. The two buffers alternate, so a super-step needs one
+  // barrier (after staging). With KS > 1, out is float32
   // (KS, M, N) and part bz writes plane bz; the caller adds the planes.
   constexpr int W = $W;
   constexpr int RF = $RF;
@@ -614,7 +626,6 @@ _WIDE_BODY = Template("""\
   constexpr int KS = $KS;
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
-  constexpr int CP = $CP;
   constexpr int XP = $XP;
   constexpr int THREADS = W * $SIMD;
   constexpr int PACK = 32 / BITS;
@@ -634,9 +645,9 @@ $prologue
   const int kbeg = bz * PER * 128;
   const int kend = kbeg + PER * 128 < K ? kbeg + PER * 128 : K;
 
-  $shared uint4 xs_raw[TOK * XP / 8];
+  $shared uint4 xs_raw[2 * TOK * XP / 8];
   ${tg}T* xs = (${tg}T*)xs_raw;
-  QmmWide<T, TOK / 8, RF, CP, XP> wd;
+  QmmWide<T, TOK / 8, RF, XP> wd;
   wd.init(lane);
 
   uint4 xr[XJ];
@@ -647,6 +658,7 @@ $prologue
   if (kl < kend) {
 $load
   }
+  int buf = 0;
   for (int ks = kbeg; ks < kend; ks += 128) {
     uint32_t wc[RF][2][CW];
     QmmDq<T, BITS> dq[RF][2];
@@ -661,16 +673,11 @@ $load
         dq[f][h].set(sn[f][h], bn[f][h]);
       }
     }
-    $barrier;
-    // x staged in pair order (the layer's qmm_pair_order), as QmmDq pairs weights.
-#pragma unroll
-    for (int j = 0; j < XJ; ++j) {
-      const int i = int(tid) + j * THREADS;
-      if (XV % THREADS == 0 || i < XV) {
-        *((${tg}uint4*)(xs + (i / 16) * XP + ((i % 16) / 4) * CP + (i % 4) * 8)) =
-            qmm_pair_order<BITS>(xr[j]);
-      }
-    }
+    // x staged in pair order (the layer's qmm_pair_order), as QmmDq pairs
+    // weights, into the buffer last read two super-steps ago: the barrier
+    // of the last super-step keeps it from being overwritten while read.
+    ${tg}T* xb = xs + buf * TOK * XP;
+$stage
     $barrier;
     kl = ks + 128;
     if (kl < kend) {
@@ -680,7 +687,7 @@ $load
     // row: pair q of the chunk is pair q % PW of word q / PW.
 #pragma unroll
     for (int s = 0; s < QMM_WIDE_STEPS; ++s) {
-      wd.load_x(xs, s);
+      wd.load_x(xb, s);
 #pragma unroll
       for (int f = 0; f < RF; ++f) {
         uint32_t pa[QMM_WIDE_PAIRS];
@@ -694,6 +701,7 @@ $load
         wd.mma(f, s, pa, pb);
       }
     }
+    buf ^= 1;
   }
   wd.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
 """)
@@ -710,6 +718,8 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
     }
     if template is _WIDE_BODY:
         snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev)
+        values = {**values, "stage": _indent_free(
+            Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
@@ -762,7 +772,7 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
     elif isinstance(config, WideConfig):
         body = _render(
             _WIDE_BODY, dialect, W=config.warps, RF=config.rows, TOK=config.tokens,
-            KS=config.splits, BITS=bits, GS=group_size, CP=WIDE_CHUNK_PITCH, XP=WIDE_ROW_PITCH,
+            KS=config.splits, BITS=bits, GS=group_size, XP=WIDE_ROW_PITCH,
         )
         stem = (f"qmmperf_wide_w{config.warps}r{config.rows}m{config.tokens}k{config.splits}"
                 f"_b{bits}_g{group_size}_{language}")

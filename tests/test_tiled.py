@@ -165,7 +165,7 @@ def test_presets_are_the_seed_rows_and_listed():
     assert tiled.PRESETS == (
         "tiled:32x32:wm2wn2", "tiled:64x64:wm2wn2", "tiled:160x32:wm4wn1",
         "tiled:160x32:wm2wn2", "tiled:192x32:wm4wn1", "tiled:256x32:wm4wn1", "tiled:decode",
-        "tiled:skinny",
+        "tiled:skinny", "tiled:wide:w8r2m64",
     )
     names = variant_names()
     for preset in tiled.PRESETS:

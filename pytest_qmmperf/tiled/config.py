@@ -558,7 +558,9 @@ def parse_name(name: str) -> KernelConfig:
 #: The seed's ablation rows, in its order. 32x32 2x2 is MLX's own Metal
 #: default, 160x32 4x1 the seed's retile; 192x32 and 256x32 keep the 4x1
 #: split of the retile (their SIMD-group tiles are 48x32 and 64x32), so the
-#: rows differ only in BM.
+#: rows differ only in BM. Then the small-M kernels alone, and the wide
+#: kernel's configuration that was fastest from 512 tokens on on the H100
+#: (docs/PERFORMANCE.md, section 6k).
 PRESETS: tuple[str, ...] = (
     f"{FAMILY}:32x32:wm2wn2",
     f"{FAMILY}:64x64:wm2wn2",
@@ -568,6 +570,7 @@ PRESETS: tuple[str, ...] = (
     f"{FAMILY}:256x32:wm4wn1",
     f"{FAMILY}:decode",
     f"{FAMILY}:skinny",
+    f"{FAMILY}:wide:w8r2m64",
 )
 
 

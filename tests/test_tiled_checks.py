@@ -39,9 +39,9 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
     "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:96x64x64:wm4wn2:k4",
-    "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w8r2m64", "tiled:wide:w4r1m16:k4",
-    "tiled:wide:w4r2m32:k4",
+    "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w4r1m16:k4", "tiled:wide:w4r2m32:k4",
 )]
+assert len({c.name for c in CONFIGS}) == len(CONFIGS), "a configuration is listed twice"
 
 
 def _tokens(config) -> tuple[int, ...]:

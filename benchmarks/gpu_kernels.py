@@ -319,7 +319,13 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     import cupy as cp
 
     from pytest_qmmperf import cuda
-    from pytest_qmmperf.tiled import generate, geometry, parse_name, template_args
+    from pytest_qmmperf.tiled import (
+        DequantConfig,
+        generate,
+        geometry,
+        parse_name,
+        template_args,
+    )
 
     config = parse_name(name)
     src = generate(config, bits=bits, group_size=group_size, language="cuda")
@@ -334,6 +340,23 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     blocks = (grid[0] // tg[0], grid[1], 1)
     xs = cp.array([M, K], dtype=cp.int32)
     wsh = cp.array([N, K * bits // 32], dtype=cp.int32)
+
+    if isinstance(config, DequantConfig):
+        # The dequant kernel writes the dense weight, then cuBLAS multiplies, as
+        # the variant does through MLX. CuPy cannot capture cuBLAS in a graph:
+        # ``graph = False`` tells the timer; ``dequant_only`` is the kernel alone.
+        dense = cp.empty((N, K), dtype=cp.float16)
+
+        def dequant_only(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
+            fn(blocks, tg, (x, xs, w, wsh, scales, biases, dense))
+
+        def launch_gemm(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
+            dequant_only(x, w, scales, biases, out)
+            cp.matmul(x, dense.T, out=out)
+
+        launch_gemm.graph = False  # type: ignore[attr-defined]
+        launch_gemm.dequant_only = dequant_only  # type: ignore[attr-defined]
+        return launch_gemm
 
     if src.output_dtype is None:
         def launch(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:

@@ -7,7 +7,9 @@
    and M in ``--m``, compiled through CuPy's NVRTC from the source MLX
    compiles, checked against a float32 reference computed by CuPy (4-bit,
    group 64, float16) and timed from a replayed CUDA graph of 50 launches
-   over rotated weights (:func:`gpu_kernels.event_time`).  In the same run,
+   over rotated weights (:func:`gpu_kernels.event_time`); ``tiled:dequant``
+   (the dequant kernel, then cuBLAS) launched one by one, as CuPy cannot
+   capture cuBLAS, with its dequant kernel also timed alone.  In the same run,
    cuBLAS's float16 GEMM of the same (M, K) x (K, N) on dense weights (launched
    one by one: CuPy cannot capture it in a graph): what a kernel that
    dequantized for free would take at best.
@@ -88,7 +90,15 @@ def kernel_alone(log: gk.Log, names: list[str], m_values: list[int]) -> list[dic
                     ref = gd.reference(x, w, s, b)
                     err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
                     del ref
-                    t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                    graph = getattr(launch, "graph", True)
+                    t = statistics.median(gk.event_time(launch, sets, graph=graph)
+                                          for _ in range(3))
+                    alone = getattr(launch, "dequant_only", None)
+                    if alone is not None:
+                        ta = statistics.median(gk.event_time(alone, sets) for _ in range(3))
+                        log(f"alone {shape:8s} M={M:5d} {'  its dequant kernel':28s} "
+                            f"{ta * 1e6:9.2f} us  {spec.weight_bytes / ta / 1e12:.2f} TB/s "
+                            "read (packed weights, scales, biases)")
                 except Exception as exc:
                     log(f"ERROR {name} {shape} M={M}: {type(exc).__name__}: {exc}")
                     continue

@@ -12,6 +12,7 @@ from pytest_qmmperf.tiled import config as cfg
 from pytest_qmmperf.tiled import source, variant
 from pytest_qmmperf.tiled.config import (
     DecodeConfig,
+    DequantConfig,
     SkinnyConfig,
     TileConfig,
     TileError,
@@ -45,6 +46,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:wide:w8r2m64", WideConfig(8, 2, 64)),
         ("tiled:wide:w4r1m16:k4", WideConfig(4, 1, 16, splits=4)),
         ("tiled:wide:w4r2m32:k2:d0", WideConfig(4, 2, 32, splits=2, decode_max_m=0)),
+        ("tiled:wide:w8r2m64:g512", WideConfig(8, 2, 64, gemm_min_m=512)),
+        ("tiled:dequant", DequantConfig()),
     ],
 )
 def test_parse_name(name, expected):
@@ -75,6 +78,8 @@ def test_parse_name(name, expected):
         ("tiled:skinny:w16r2", "tiled:skinny:w16r2"),
         ("tiled:wide:w8r2m64:k1:d16", "tiled:wide:w8r2m64"),
         ("tiled:wide:w4r1m16:k4:d8", "tiled:wide:w4r1m16:k4:d8"),
+        ("tiled:wide:w8r2m64:k1:d16:g0", "tiled:wide:w8r2m64"),
+        ("tiled:wide:w8r2m64:d8:g512", "tiled:wide:w8r2m64:d8:g512"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -131,6 +136,7 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w32r1m32", "1024 threads x about 156 registers each exceed the 65536"),
         ("tiled:wide:w4r2m32:k17", "splits=17 exceeds 16 blocks per output tile"),
         ("tiled:wide:w0r2m32", "warps=0 must be a positive integer"),
+        ("tiled:wide:w8r2m64:g16", "gemm_min_m=16 must exceed decode_max_m=16 (or be 0)"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -348,6 +354,9 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
         # wide: 8 x 2 x 16 = 256 weight rows and 64 tokens a block; K split 2 ways
         (WideConfig(8, 2, 64), 2048, 8192, (32 * 256, 32, 1), (256, 1, 1)),
         (WideConfig(4, 1, 16, splits=4), 17, 100, (2 * 128, 8, 1), (128, 1, 1)),
+        # dequant: one weight row a block, whatever M
+        (DequantConfig(), 7, 300, (300 * 256, 1, 1), (256, 1, 1)),
+        (DequantConfig(), 4096, 3, (3 * 256, 1, 1), (256, 1, 1)),
     ],
 )
 def test_launch_geometry(config, M, N, grid, threadgroup):
@@ -373,7 +382,12 @@ def test_small_m_goes_to_the_decode_then_the_skinny_kernel():
     wide = variant.TiledQmm(WideConfig(8, 2, 64))
     assert isinstance(wide.kernel_for(1), DecodeConfig)
     assert isinstance(wide.kernel_for(16), SkinnyConfig)
-    assert wide.kernel_for(17) == WideConfig(8, 2, 64)
+    assert wide.kernel_for(17) == wide.kernel_for(100000) == WideConfig(8, 2, 64)
+    # :g512: the dequant kernel and MLX's matmul from M = 512
+    gemm = variant.TiledQmm(WideConfig(8, 2, 64, gemm_min_m=512))
+    assert gemm.kernel_for(511) == WideConfig(8, 2, 64, gemm_min_m=512)
+    assert gemm.kernel_for(512) == gemm.kernel_for(10049) == DequantConfig()
+    assert isinstance(gemm.kernel_for(1), DecodeConfig)
 
 
 def test_packing_matches_mx_quantize():

@@ -22,6 +22,7 @@ from pytest_qmmperf.metal import check as metal_check
 from pytest_qmmperf.tiled import (
     PRESETS,
     DecodeConfig,
+    DequantConfig,
     SkinnyConfig,
     WideConfig,
     generate,
@@ -40,6 +41,7 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
     "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:96x64x64:wm4wn2:k4",
     "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w4r1m16:k4", "tiled:wide:w4r2m32:k4",
+    "tiled:dequant",
 )]
 assert len({c.name for c in CONFIGS}) == len(CONFIGS), "a configuration is listed twice"
 
@@ -195,6 +197,8 @@ needs_gxx = pytest.mark.skipif(emu.compiler_reason() is not None,
 _QUANT = [("float16", 4, 64), ("bfloat16", 8, 32), ("float16", 8, 128), ("bfloat16", 4, 32)]
 EMULATED = []
 for _i, _config in enumerate(CONFIGS):
+    if isinstance(_config, DequantConfig):
+        continue  # checked against mx.dequantize below
     _dtype, _bits, _gs = _QUANT[_i % len(_QUANT)]
     _M = 5 if isinstance(_config, DecodeConfig) else (13 if isinstance(_config, SkinnyConfig)
                                                       else 37)
@@ -245,6 +249,13 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, splits=2), 8, 32, "bflo
                  QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(WideConfig(1, 3, 8, splits=4), 8, 128, "float16"),
                  QmmSpec(M=9, N=50, K=256, bits=8, group_size=128)))
+# the dequant kernel (checked against mx.dequantize): every bit width and dtype,
+# rows of 2-4 groups, K at one group, and a row longer than a block's threads
+for _bits, _gs, _dtype, _N, _K in ((4, 64, "float16", 5, 320), (8, 32, "bfloat16", 3, 96),
+                                   (4, 128, "bfloat16", 2, 4224), (8, 64, "float16", 4, 640),
+                                   (4, 32, "float16", 7, 32)):
+    EMULATED.append((emu.EmulatedKernel(DequantConfig(), _bits, _gs, _dtype),
+                     QmmSpec(M=3, N=_N, K=_K, bits=_bits, group_size=_gs, dtype=_dtype)))
 # the tile at M = 1 and at the smallest K
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "float16"),
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))
@@ -261,11 +272,25 @@ def emulator(request, tmp_path_factory):
 
 @needs_gxx
 def test_emulated_kernels_match_the_reference(emulator):
+    import mlx.core as mx
+
     language, exe = emulator
     for index, (kernel, spec) in enumerate(EMULATED):
         inputs = make_inputs(spec, seed=index)
         out = emu.run(exe, index, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
-        check_output(spec, inputs, out, f"{language} {kernel.config.name}")
+        if isinstance(kernel.config, DequantConfig):
+            ref = mx.dequantize(inputs.w, inputs.scales, inputs.biases,
+                                group_size=spec.group_size, bits=spec.bits).astype(mx.float32)
+            assert out.shape == ref.shape and out.dtype == getattr(mx, spec.dtype), out.dtype
+            # s * q + b is rounded once to T here (one FMA); MLX rounds s * q first,
+            # so they differ by up to a unit in the last place of s * q: allow two
+            # at the matrix's largest value (a wrong value is off by about s).
+            ulp = 2.0 ** -10 if spec.dtype == "float16" else 2.0 ** -7
+            bound = 2 * ulp * float(mx.max(mx.abs(ref)))
+            err = float(mx.max(mx.abs(out.astype(mx.float32) - ref)))
+            assert err <= bound, (language, spec.label(), err, bound)
+        else:
+            check_output(spec, inputs, out, f"{language} {kernel.config.name}")
 
 
 @needs_gxx

@@ -13,6 +13,7 @@ from pytest_qmmperf.tiled.config import (
     FAMILY,
     PRESETS,
     DecodeConfig,
+    DequantConfig,
     KernelConfig,
     SkinnyConfig,
     TileConfig,
@@ -24,9 +25,10 @@ from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, templa
 from pytest_qmmperf.tiled.variant import TiledQmm, available, backend, built_kernels, describe
 
 __all__ = [
-    "FAMILY", "PRESETS", "DecodeConfig", "KernelConfig", "KernelSource", "SkinnyConfig",
-    "TileConfig", "TileError", "TiledQmm", "available", "backend", "built_kernels", "generate",
-    "WideConfig", "geometry", "make_variant", "parse_name", "register", "template_args",
+    "FAMILY", "PRESETS", "DecodeConfig", "DequantConfig", "KernelConfig", "KernelSource",
+    "SkinnyConfig", "TileConfig", "TileError", "TiledQmm", "WideConfig", "available", "backend",
+    "built_kernels", "generate", "geometry", "make_variant", "parse_name", "register",
+    "template_args",
 ]
 
 

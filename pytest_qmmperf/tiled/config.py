@@ -10,8 +10,9 @@ Names::
                                          tiled:96x64x64:wm4wn2:k4
     tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
     tiled:skinny[:wW[rR]]                the few-token tensor-core kernel, e.g. tiled:skinny:w4r2
-    tiled:wide:wWrRmTOK[:kS][:dMAXM]     weights dequantized in registers, x staged in
-                                         threadgroup memory, e.g. tiled:wide:w4r2m64:k2
+    tiled:wide:wWrRmTOK[:kS][:dMAXM][:gM] weights dequantized in registers, x staged in
+                                         threadgroup memory, e.g. tiled:wide:w8r2m64:g512
+    tiled:dequant                        the dequant kernel, then MLX's dense matmul
 
 ``BM`` (tokens) x ``BN`` (weight rows) x ``BK`` (reduction) is the block tile,
 ``WM`` x ``WN`` the split of the block into SIMD groups (warps), each taking
@@ -20,6 +21,8 @@ per output tile (their float32 partial sums are then added in a fixed
 order), for grids that would otherwise leave SMs idle.  ``MAXM`` is the largest M still sent to
 the small-M kernels instead of the tile: the decode kernel at M = 1, the
 skinny kernel from M = 2 (default :data:`DEFAULT_DECODE_MAX_M`; ``d0`` never).
+``:gM`` (wide only) sends M and larger to the dequant kernel followed by
+MLX's dense matmul.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ SKINNY_STEP_K = 128
 #: g+1 x chunks 0-3) and the staging stores are free of bank conflicts; two
 #: buffers, so that a super-step needs one barrier.
 WIDE_ROW_PITCH = 128
+#: Threads of a dequant block (one 16-byte weight vector each).
+DEQUANT_THREADS = 256
 #: Tokens one wide block stages at most (threadgroup memory: 2 x 64 x 128 halves).
 MAX_WIDE_TOKENS = 64
 #: :attr:`WideConfig.live_registers` at most. ptxas for sm_90a adds 60-100 to
@@ -414,12 +419,23 @@ class WideConfig:
     tokens: int = 64
     splits: int = 1
     decode_max_m: int = DEFAULT_DECODE_MAX_M
+    #: From this M on, the weights are dequantized by the family's dequant kernel
+    #: and multiplied by MLX's dense matmul (``g`` in the name); 0: never.
+    gemm_min_m: int = 0
 
     def __post_init__(self) -> None:
         name = self.name
         for label in ("warps", "rows", "tokens", "splits"):
             _positive(name, label, getattr(self, label))
         _check_warps(name, self.warps)
+        if isinstance(self.gemm_min_m, bool) or not isinstance(self.gemm_min_m, int) \
+                or self.gemm_min_m < 0:
+            raise TileError(f"{name}: gemm_min_m={self.gemm_min_m!r} must be an integer >= 0")
+        if 0 < self.gemm_min_m <= self.decode_max_m:
+            raise TileError(
+                f"{name}: gemm_min_m={self.gemm_min_m} must exceed decode_max_m="
+                f"{self.decode_max_m} (or be 0): the small-M kernels take M <= decode_max_m"
+            )
         if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
                 or self.decode_max_m < 0:
             raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
@@ -484,16 +500,41 @@ class WideConfig:
             name += f":k{self.splits}"
         if self.decode_max_m != DEFAULT_DECODE_MAX_M:
             name += f":d{self.decode_max_m}"
+        if self.gemm_min_m:
+            name += f":g{self.gemm_min_m}"
         return name
 
     def params(self) -> dict[str, Any]:
         return {"kernel": "wide", "warps": self.warps, "rows": self.rows,
                 "tokens": self.tokens, "splits": self.splits,
-                "decode_max_m": self.decode_max_m, "threads": self.threads,
-                "shared_bytes": self.shared_bytes}
+                "decode_max_m": self.decode_max_m, "gemm_min_m": self.gemm_min_m,
+                "threads": self.threads, "shared_bytes": self.shared_bytes}
 
 
-KernelConfig = TileConfig | DecodeConfig | SkinnyConfig | WideConfig
+@dataclass(frozen=True)
+class DequantConfig:
+    """The dequant kernel: the packed weight to a dense ``(N, K)`` matrix in ``T``.
+
+    Each thread turns one 16-byte vector of ``w`` (``128 / bits`` values of
+    one row, all in one quantization group) into ``T`` with the layers'
+    ``QmmDq`` and writes them back in order. As a variant (``tiled:dequant``)
+    it is followed by MLX's dense matmul, ``x @ W.T``, at every M; a wide
+    configuration with ``:gM`` uses it from M on.
+    """
+
+    @property
+    def threads(self) -> int:
+        return DEQUANT_THREADS
+
+    @property
+    def name(self) -> str:
+        return f"{FAMILY}:dequant"
+
+    def params(self) -> dict[str, Any]:
+        return {"kernel": "dequant", "threads": self.threads}
+
+
+KernelConfig = TileConfig | DecodeConfig | SkinnyConfig | WideConfig | DequantConfig
 
 
 def output_planes(config: KernelConfig) -> int:
@@ -508,13 +549,15 @@ _TILE_RE = re.compile(
     r"(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$"
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
-_WIDE_RE = re.compile(r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$")
+_WIDE_RE = re.compile(
+    r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?(?::g(?P<g>\d+))?$"
+)
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
     f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]] "
-    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM]"
+    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM][:gMINM] or {FAMILY}:dequant"
 )
 
 
@@ -545,7 +588,10 @@ def parse_name(name: str) -> KernelConfig:
         return WideConfig(
             warps=int(m["w"]), rows=int(m["r"]), tokens=int(m["m"]), splits=int(m["k"] or 1),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
+            gemm_min_m=int(m["g"] or 0),
         )
+    if rest == "dequant":
+        return DequantConfig()
     m = _DECODE_RE.match(rest)
     if m:
         if m["r"] is None:

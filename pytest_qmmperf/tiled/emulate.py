@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_qmmperf.tiled.config import KernelConfig, output_planes
+from pytest_qmmperf.tiled.config import DequantConfig, KernelConfig, output_planes
 from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry, template_args
 
 if TYPE_CHECKING:
@@ -147,9 +147,11 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
                     f"      {name}({', '.join(_call_args(src, ctype, out_ctype))});\n    }});")
             shape_type = "mlx::core::cu::Shape"
         planes, size = _out_layout(k)
+        count = ("size_t(N) * size_t(K)" if isinstance(k.config, DequantConfig)
+                 else f"size_t({planes}) * size_t(M) * size_t(N)")
         cases.append(
             f"  case {i}: {{\n"
-            f"    out.assign(size_t({planes}) * size_t(M) * size_t(N) * {size}, '\\0');\n"
+            f"    out.assign({count} * {size}, '\\0');\n"
             f"    {shape_type} x_shape{{}}, w_shape{{}};\n"
             f"    x_shape[0] = M; x_shape[1] = K; w_shape[0] = N; w_shape[1] = K * {k.bits} / 32;\n"
             f"    {call}\n    break;\n  }}"
@@ -189,7 +191,8 @@ def _bits(a: mx.array) -> bytes:
 
 def run(exe: Path, index: int, kernel: EmulatedKernel, x: mx.array, w: mx.array,
         scales: mx.array, biases: mx.array) -> mx.array:
-    """Run kernel ``index`` of ``exe`` on these operands; returns ``out`` as an MLX array."""
+    """Run kernel ``index`` of ``exe`` on these operands; returns ``out`` as an MLX array
+    (``(M, N)``; the dequant kernel's: the dense ``(N, K)`` weight)."""
     import mlx.core as mx
     import numpy as np
 
@@ -208,6 +211,8 @@ def run(exe: Path, index: int, kernel: EmulatedKernel, x: mx.array, w: mx.array,
             raise RuntimeError(f"emulated kernel failed ({' '.join(cmd)}): {proc.stderr[-2000:]}")
         data = (d / "out.bin").read_bytes()
     planes, _ = _out_layout(kernel)
+    if isinstance(kernel.config, DequantConfig):
+        M, N = N, K  # the dense weight, (N, K)
     if planes > 1:
         # What the variant does: add the float32 partial sums, then round to T.
         partial = np.frombuffer(data, dtype=np.float32).reshape(planes, M, N)

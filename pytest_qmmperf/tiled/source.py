@@ -30,6 +30,7 @@ from pytest_qmmperf.tiled.config import (
     SKINNY_MAX_TOKENS,
     WIDE_ROW_PITCH,
     DecodeConfig,
+    DequantConfig,
     KernelConfig,
     SkinnyConfig,
     TileConfig,
@@ -707,6 +708,58 @@ $load
 """)
 
 
+_DEQUANT_BODY = Template("""\
+  // Block bx dequantizes weight row bx into out[bx][0 : K] (T): thread t takes
+  // the row's 16-byte vectors t, t + THREADS, ... (V = 128 / BITS values of one
+  // quantization group each), dequantizes them pair by pair with the layer's
+  // QmmDq (pair i of a word holds its values i and i + PACK / 2) and writes
+  // the values back in order, 16 bytes at a time. x is an input only for
+  // its shape (K), as in every kernel of the family.
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int THREADS = $THREADS;
+  constexpr int PACK = 32 / BITS;
+  constexpr int PW = PACK / 2;  // pairs per word
+  constexpr int V = 128 / BITS;  // values per 16-byte vector
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const size_t row = size_t(bx);
+  for (int c = int(tid); c < K / V; c += THREADS) {
+    const int k = c * V;
+    const uint4 v = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t(k / PACK)));
+    const size_t g = row * size_t(G) + size_t(k / GS);
+    QmmDq<T, BITS> dq;
+    dq.set(float(scales[g]), float(biases[g]));
+    // o[2 * PW * e + j]: values 2j and 2j + 1 of word e, packed T.
+    uint32_t o[4 * PW];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      uint32_t p[PW];
+#pragma unroll
+      for (int q = 0; q < PW; ++q) {
+        p[q] = dq.pair(qmm_word(v, e), q);
+      }
+#pragma unroll
+      for (int j = 0; j < PW; ++j) {
+        const int a = 2 * j;
+        o[PW * e + j] = a < PW ? ((p[a] & 0xFFFFu) | (p[a + 1] << 16))
+                               : ((p[a - PW] >> 16) | (p[a + 1 - PW] & 0xFFFF0000u));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < PW; ++u) {
+      uint4 d;
+      d.x = o[4 * u];
+      d.y = o[4 * u + 1];
+      d.z = o[4 * u + 2];
+      d.w = o[4 * u + 3];
+      *((${dev}uint4*)(out + row * size_t(K) + size_t(k + 8 * u))) = d;
+    }
+  }
+""")
+
+
 def _indent_free(text: str) -> str:
     return text.rstrip("\n")
 
@@ -776,6 +829,10 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         )
         stem = (f"qmmperf_wide_w{config.warps}r{config.rows}m{config.tokens}k{config.splits}"
                 f"_b{bits}_g{group_size}_{language}")
+    elif isinstance(config, DequantConfig):
+        body = _render(_DEQUANT_BODY, dialect, THREADS=config.threads, BITS=bits,
+                       GS=group_size)
+        stem = f"qmmperf_dequant_b{bits}_g{group_size}_{language}"
     elif isinstance(config, DecodeConfig):
         body = _render(
             _DECODE_BODY, dialect, R=config.rows, NW=config.warps, U=config.vectors,
@@ -830,6 +887,8 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
         blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm) * config.splits)
     elif isinstance(config, WideConfig):
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, config.tokens) * config.splits)
+    elif isinstance(config, DequantConfig):
+        blocks = (N, 1)  # one weight row a block, whatever M
     elif isinstance(config, SkinnyConfig):
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, 8 * skinny_tiles(M)))
     else:

@@ -10,6 +10,7 @@ from pytest_qmmperf.tiled.config import (
     DTYPES,
     FAMILY,
     DecodeConfig,
+    DequantConfig,
     KernelConfig,
     SkinnyConfig,
     TileConfig,
@@ -83,7 +84,10 @@ class TiledQmm:
 
     For a tile or wide configuration, M = 1 goes to the decode kernel (as
     MLX sends small M to its matrix-vector kernel), 2 <= M <=
-    ``decode_max_m`` to the skinny kernel, larger M to the tile or wide kernel.
+    ``decode_max_m`` to the skinny kernel, larger M to the tile or wide
+    kernel, and for a wide configuration with ``gemm_min_m`` M from there on
+    to the dequant kernel followed by MLX's dense matmul (as the ``hybrid``
+    variant does with ``mx.dequantize``).
     """
 
     def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None,
@@ -92,7 +96,7 @@ class TiledQmm:
         self.decode = decode or DecodeConfig()
         self.skinny = skinny or SkinnyConfig()
         self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None,
-                                                  bool]] = {}
+                                                  bool, bool]] = {}
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -101,6 +105,8 @@ class TiledQmm:
         """The configuration that runs M rows."""
         if not isinstance(self.config, (TileConfig, WideConfig)):
             return self.config
+        if isinstance(self.config, WideConfig) and 0 < self.config.gemm_min_m <= M:
+            return DequantConfig()
         if M > self.config.decode_max_m:
             return self.config
         return self.decode if M == 1 else self.skinny
@@ -125,10 +131,15 @@ class TiledQmm:
         if plan is None:
             plan = self._plans[key] = self._plan(x, w, scales, biases, transpose=transpose,
                                                  group_size=group_size, bits=bits, mode=mode)
-        kern, launch, flat, partial = plan
-        out = kern(inputs=[x if flat is None else x.reshape(flat), w, scales, biases],
-                   **launch)[0]
-        if partial:
+        kern, launch, flat, partial, gemm = plan
+        x2 = x if flat is None else x.reshape(flat)
+        out = kern(inputs=[x2, w, scales, biases], **launch)[0]
+        if gemm:
+            # The dequant kernel wrote the dense (N, K) weight; MLX's matmul does the rest.
+            import mlx.core as mx
+
+            out = mx.matmul(x2, out.T)
+        elif partial:
             # A kernel split over K: add its float32 planes, then round once to x's dtype.
             out = out.sum(axis=0).astype(x.dtype)
         if flat is None:
@@ -137,7 +148,7 @@ class TiledQmm:
 
     def _plan(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
               transpose: bool, group_size: int, bits: int, mode: str
-              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool]:
+              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool, bool]:
         import mlx.core as mx
 
         name = self.config.name
@@ -171,11 +182,12 @@ class TiledQmm:
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
         splits = output_planes(config)
         partial = splits > 1
-        out_shape = (splits, M, N) if partial else (M, N)
+        gemm = isinstance(config, DequantConfig)
+        out_shape = (N, K) if gemm else ((splits, M, N) if partial else (M, N))
         out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
                   "output_shapes": [out_shape], "output_dtypes": [out_dtype]}
-        return kern, launch, (None if x.ndim == 2 else (M, K)), partial
+        return kern, launch, (None if x.ndim == 2 else (M, K)), partial, gemm
 
 
 def describe(config: KernelConfig) -> str:
@@ -192,11 +204,16 @@ def describe(config: KernelConfig) -> str:
         return (f"{FAMILY} decode kernel: {config.rows} weight rows per warp, {vectors} per "
                 f"row and lane a step, {config.warps} warps a block{split}; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
+    if isinstance(config, DequantConfig):
+        return (f"{FAMILY} dequant kernel (packed weight to dense, in the activations' dtype), "
+                f"then MLX's dense matmul; affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     split = f", K split over {config.splits} blocks" if config.splits > 1 else ""
     if isinstance(config, WideConfig):
+        gemm = (f", dequant kernel + dense matmul from M = {config.gemm_min_m}"
+                if config.gemm_min_m else "")
         return (f"{FAMILY} wide kernel: {config.rows_per_block} weight rows x {config.tokens} "
                 f"tokens a block, weights dequantized in registers, x staged in threadgroup "
-                f"memory{split}, decode/skinny kernels for M <= {config.decode_max_m}; "
+                f"memory{split}, decode/skinny kernels for M <= {config.decode_max_m}{gemm}; "
                 f"affine bits 4/8, {'/'.join(DTYPES)} (Metal, CUDA)")
     return (f"{FAMILY} transposed QMM: {config.bm}x{config.bn}x{config.bk} tile, "
             f"{config.wm}x{config.wn} SIMD groups{split}, decode/skinny kernels for M <= "

@@ -171,7 +171,7 @@ def test_presets_are_the_seed_rows_and_listed():
     assert tiled.PRESETS == (
         "tiled:32x32:wm2wn2", "tiled:64x64:wm2wn2", "tiled:160x32:wm4wn1",
         "tiled:160x32:wm2wn2", "tiled:192x32:wm4wn1", "tiled:256x32:wm4wn1", "tiled:decode",
-        "tiled:skinny", "tiled:wide:w8r2m64",
+        "tiled:skinny", "tiled:wide:w8r2m64", "tiled:wide:w8r2m64:g512",
     )
     names = variant_names()
     for preset in tiled.PRESETS:
@@ -260,7 +260,9 @@ def test_metal_kernel_objects_are_built_once_per_configuration():
 
 # --- generator --------------------------------------------------------------
 
-_EVERY = [parse_name(n) for n in tiled.PRESETS] + [parse_name("tiled:64x64x64:wm2wn2:d0")]
+# every preset's kernel once (":g512" only routes large M elsewhere: same kernel)
+_EVERY = [parse_name(n) for n in tiled.PRESETS if ":g" not in n] + [
+    parse_name("tiled:64x64x64:wm2wn2:d0")]
 
 
 def test_kernel_names_are_unique_and_carry_every_parameter():
@@ -284,6 +286,10 @@ def test_kernel_names_are_unique_and_carry_every_parameter():
                            language="cuda")
     assert same == source.generate(parse_name("tiled:32x32:wm2wn2"), bits=4, group_size=64,
                                    language="cuda")
+    # nor the M from which a wide variant switches to the dequant kernel
+    assert source.generate(parse_name("tiled:wide:w8r2m64:g512"), bits=4, group_size=64,
+                           language="cuda") == source.generate(
+        parse_name("tiled:wide:w8r2m64"), bits=4, group_size=64, language="cuda")
 
 
 def test_generator_rejects_unknown_language():

@@ -77,7 +77,7 @@ SKINNY_STEP_K = 128
 #: g+1 x chunks 0-3) and the staging stores are free of bank conflicts; two
 #: buffers, so that a super-step needs one barrier.
 WIDE_ROW_PITCH = 128
-#: Threads of a dequant block (one 16-byte weight vector each).
+#: Threads of a dequant block (one weight row a block, a 32-bit word a thread and step).
 DEQUANT_THREADS = 256
 #: Tokens one wide block stages at most (threadgroup memory: 2 x 64 x 128 halves).
 MAX_WIDE_TOKENS = 64
@@ -515,9 +515,10 @@ class WideConfig:
 class DequantConfig:
     """The dequant kernel: the packed weight to a dense ``(N, K)`` matrix in ``T``.
 
-    Each thread turns one 16-byte vector of ``w`` (``128 / bits`` values of
-    one row, all in one quantization group) into ``T`` with the layers'
-    ``QmmDq`` and writes them back in order. As a variant (``tiled:dequant``)
+    A block takes one weight row; each thread turns 32-bit words of it
+    (``32 / bits`` values of one quantization group) into ``T`` with the
+    layers' ``QmmDq`` and writes them back in order, so that a warp reads and
+    writes contiguous memory. As a variant (``tiled:dequant``)
     it is followed by MLX's dense matmul, ``x @ W.T``, at every M; a wide
     configuration with ``:gM`` uses it from M on.
     """
@@ -604,9 +605,10 @@ def parse_name(name: str) -> KernelConfig:
 #: The seed's ablation rows, in its order. 32x32 2x2 is MLX's own Metal
 #: default, 160x32 4x1 the seed's retile; 192x32 and 256x32 keep the 4x1
 #: split of the retile (their SIMD-group tiles are 48x32 and 64x32), so the
-#: rows differ only in BM. Then the small-M kernels alone, and the wide
+#: rows differ only in BM. Then the small-M kernels alone, the wide
 #: kernel's configuration that was fastest from 512 tokens on on the H100
-#: (docs/PERFORMANCE.md, section 6k).
+#: (docs/PERFORMANCE.md, section 6k), and the same with the dequant kernel and
+#: MLX's dense matmul from 512 tokens on (section 6m).
 PRESETS: tuple[str, ...] = (
     f"{FAMILY}:32x32:wm2wn2",
     f"{FAMILY}:64x64:wm2wn2",
@@ -617,6 +619,7 @@ PRESETS: tuple[str, ...] = (
     f"{FAMILY}:decode",
     f"{FAMILY}:skinny",
     f"{FAMILY}:wide:w8r2m64",
+    f"{FAMILY}:wide:w8r2m64:g512",
 )
 
 

@@ -710,51 +710,45 @@ $load
 
 _DEQUANT_BODY = Template("""\
   // Block bx dequantizes weight row bx into out[bx][0 : K] (T): thread t takes
-  // the row's 16-byte vectors t, t + THREADS, ... (V = 128 / BITS values of one
+  // the row's 32-bit words t, t + THREADS, ... (PACK values of one
   // quantization group each), dequantizes them pair by pair with the layer's
   // QmmDq (pair i of a word holds its values i and i + PACK / 2) and writes
-  // the values back in order, 16 bytes at a time. x is an input only for
-  // its shape (K), as in every kernel of the family.
+  // the values back in order: a warp reads 128 contiguous bytes and writes
+  // 32 * PACK * 2. x is an input only for its shape (K), as in every kernel
+  // of the family.
   constexpr int BITS = $BITS;
   constexpr int GS = $GS;
   constexpr int THREADS = $THREADS;
   constexpr int PACK = 32 / BITS;
   constexpr int PW = PACK / 2;  // pairs per word
-  constexpr int V = 128 / BITS;  // values per 16-byte vector
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
   const size_t row = size_t(bx);
-  for (int c = int(tid); c < K / V; c += THREADS) {
-    const int k = c * V;
-    const uint4 v = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t(k / PACK)));
+  for (int c = int(tid); c < KW; c += THREADS) {
+    const int k = c * PACK;
+    const uint32_t word = w[row * size_t(KW) + size_t(c)];
     const size_t g = row * size_t(G) + size_t(k / GS);
     QmmDq<T, BITS> dq;
     dq.set(float(scales[g]), float(biases[g]));
-    // o[2 * PW * e + j]: values 2j and 2j + 1 of word e, packed T.
-    uint32_t o[4 * PW];
+    uint32_t p[PW];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      uint32_t p[PW];
-#pragma unroll
-      for (int q = 0; q < PW; ++q) {
-        p[q] = dq.pair(qmm_word(v, e), q);
-      }
-#pragma unroll
-      for (int j = 0; j < PW; ++j) {
-        const int a = 2 * j;
-        o[PW * e + j] = a < PW ? ((p[a] & 0xFFFFu) | (p[a + 1] << 16))
-                               : ((p[a - PW] >> 16) | (p[a + 1 - PW] & 0xFFFF0000u));
-      }
+    for (int q = 0; q < PW; ++q) {
+      p[q] = dq.pair(word, q);
     }
-#pragma unroll
-    for (int u = 0; u < PW; ++u) {
+    // Output word j holds values 2j and 2j + 1: halves of pairs 2j and 2j + 1
+    // (low halves for the word's first PACK / 2 values, then high halves).
+    ${dev}uint32_t* dst = (${dev}uint32_t*)(out + row * size_t(K) + size_t(k));
+    if (PW == 4) {  // 4 bits: 8 values, one 16-byte store (% PW: in range at 8 bits too)
       uint4 d;
-      d.x = o[4 * u];
-      d.y = o[4 * u + 1];
-      d.z = o[4 * u + 2];
-      d.w = o[4 * u + 3];
-      *((${dev}uint4*)(out + row * size_t(K) + size_t(k + 8 * u))) = d;
+      d.x = (p[0] & 0xFFFFu) | (p[1] << 16);
+      d.y = (p[2 % PW] & 0xFFFFu) | (p[3 % PW] << 16);
+      d.z = (p[0] >> 16) | (p[1] & 0xFFFF0000u);
+      d.w = (p[2 % PW] >> 16) | (p[3 % PW] & 0xFFFF0000u);
+      *((${dev}uint4*)dst) = d;
+    } else {  // 8 bits: 4 values
+      dst[0] = (p[0] & 0xFFFFu) | (p[1] << 16);
+      dst[1] = (p[0] >> 16) | (p[1] & 0xFFFF0000u);
     }
   }
 """)

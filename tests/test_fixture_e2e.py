@@ -207,11 +207,15 @@ def test_bad_options_are_usage_errors_before_anything_runs(pytester, args, messa
 
 
 def test_ini_options_are_read(pytester):
-    pytester.makeini("[pytest]\nqmm_min_rounds = 40\nqmm_time_budget = 0.01\n")
+    # A loose precision asks for a handful of rounds whatever the machine's speed
+    # (a 10 ms budget alone allowed 67 on a fast, idle one), so the minimum wins.
+    pytester.makeini("[pytest]\nqmm_min_rounds = 40\nqmm_time_budget = 0.01\n"
+                     "qmm_precision = 50%\n")
     pytester.makepyfile("""
         def test_it(qmm_bench):
             result = qmm_bench.qmm(2, 64, 64, dtype="float32")
-            assert result.info["rounds"] == 40  # the budget allows fewer; the minimum wins
+            assert result.info["precision_target"] == 0.5
+            assert result.info["rounds"] == 40
     """)
     pytester.runpytest("--qmm-bench", "-p", "no:cacheprovider").assert_outcomes(passed=1)
 

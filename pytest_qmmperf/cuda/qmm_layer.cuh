@@ -87,8 +87,8 @@ __device__ __forceinline__ uint32_t qmm_pack(float a, float b) {
 // Two values of a packed word dequantized to T and packed, low half first:
 // the word's "pair" i (0 <= i < 16 / BITS) holds its values i and
 // i + 16 / BITS, which is where the magic-number conversion below finds them
-// (the wide kernel stages x in the same order). set() takes the group's
-// scale and bias.
+// (the wide and skinny kernels put x in the same order: qmm_pair_order).
+// set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
 template <typename T, int BITS>
@@ -306,10 +306,10 @@ struct QmmSkinny {
 // owns weight rows g and g + 8 of each of RF fragments at chunk t, k = 32t
 // .. 32t + 31 of each 128-k super-step), with x read back from the block's
 // threadgroup copy (token row pitch XP halves, 16-byte units placed by
-// qmm_wide_unit) for TILES 8-token fragments. Step s (of QMM_WIDE_STEPS) gives m16n8k16's k slots
-// 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1 (x words
-// 2s and 2s+1 of the chunk), in A and B alike; a lane reads 16 bytes of
-// each token, two steps' worth, every other step.
+// qmm_wide_unit) for TILES 8-token fragments. Step s (of QMM_WIDE_STEPS)
+// gives m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8,
+// 2t+9 its pair 2s+1 (x words 2s and 2s+1 of the chunk), in A and B alike;
+// a lane reads 16 bytes of each token, two steps' worth, every other step.
 // The wide kernel's staged x: 16-byte unit u (0-15) of token row `row` sits
 // at unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
 // 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of
@@ -355,9 +355,10 @@ struct QmmWide {
 
   __device__ __forceinline__ void load_x(const T* xs, int s) {
     if ((s & 1) == 0) {
+      const T* base = xs + xo + (((s / 2) * 8) ^ xc);
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(xs + xo + (((s / 2) * 8) ^ xc) + 8 * i * XP);
+        const uint4 v = *reinterpret_cast<const uint4*>(base + 8 * i * XP);
         xq[i][0] = v.x;
         xq[i][1] = v.y;
         xq[i][2] = v.z;

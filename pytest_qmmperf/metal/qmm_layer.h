@@ -64,8 +64,8 @@ inline uint32_t qmm_pack(float a, float b) {
 // Two values of a packed word dequantized to T and packed, low half first:
 // the word's "pair" i (0 <= i < 16 / BITS) holds its values i and
 // i + 16 / BITS, which is where the magic-number conversion below finds them
-// (the wide kernel stages x in the same order). set() takes the group's
-// scale and bias.
+// (the wide and skinny kernels put x in the same order: qmm_pair_order).
+// set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
 template <typename T, int BITS>

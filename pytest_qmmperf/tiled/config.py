@@ -409,9 +409,10 @@ class WideConfig:
     fragment of x: each weight is dequantized once per block and used
     ``tokens / 8`` times, each activation fragment read from threadgroup
     memory once per warp and used ``rows`` times. The skinny kernel's lane
-    layout, for tens to hundreds of tokens. ``splits`` splits K over that
+    layout, for tens to thousands of tokens. ``splits`` splits K over that
     many blocks (float32 partial sums added in order, as for a tile);
-    ``decode_max_m`` as for a tile.
+    ``decode_max_m`` as for a tile; ``gemm_min_m`` hands M from there on to
+    :class:`DequantConfig`'s kernel and MLX's dense matmul.
     """
 
     warps: int = 4

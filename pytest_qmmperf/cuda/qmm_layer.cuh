@@ -355,10 +355,9 @@ struct QmmWide {
 
   __device__ __forceinline__ void load_x(const T* xs, int s) {
     if ((s & 1) == 0) {
-      const T* base = xs + xo + (((s / 2) * 8) ^ xc);
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(base + 8 * i * XP);
+        const uint4 v = *reinterpret_cast<const uint4*>(xs + xo + (((s / 2) * 8) ^ xc) + 8 * i * XP);
         xq[i][0] = v.x;
         xq[i][1] = v.y;
         xq[i][2] = v.z;

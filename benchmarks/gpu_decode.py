@@ -82,20 +82,28 @@ def trivial_launch_s(graph: bool) -> float:
                              for _ in range(5))
 
 
-def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
+def problem(M: int, N: int, K: int) -> tuple[Any, list[tuple[Any, ...]], Any, float]:
+    """(spec, operand sets, float32 reference of the first set, its largest magnitude) for
+    an fp16 4-bit group-64 problem, with enough weight sets to rotate through L2."""
     import cupy as cp
 
     from pytest_qmmperf.workloads.qmm import QmmSpec
 
+    spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="float16")
+    sets = gk.cupy_operands(M, N, K, max(2, min(8, math.ceil(gk.L2_BYTES / spec.weight_bytes))))
+    x, w, s, b, _ = sets[0]
+    ref = reference(x, w, s, b)
+    return spec, sets, ref, float(cp.abs(ref).max())
+
+
+def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
+    import cupy as cp
+
     rows = []
     for shape, (N, K) in gk.SHAPES.items():
         for M in M_VALUES:
-            spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="float16")
-            sets = gk.cupy_operands(M, N, K, max(2, min(8, math.ceil(gk.L2_BYTES /
-                                                                     spec.weight_bytes))))
+            spec, sets, ref, scale = problem(M, N, K)
             x, w, s, b, out = sets[0]
-            ref = reference(x, w, s, b)
-            scale = float(cp.abs(ref).max())
             for name in names:
                 if M > 16 and name.startswith("tiled:decode"):
                     continue  # past the decode kernel's range

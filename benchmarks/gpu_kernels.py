@@ -326,6 +326,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
         parse_name,
         template_args,
     )
+    from pytest_qmmperf.tiled.config import output_planes
 
     config = parse_name(name)
     src = generate(config, bits=bits, group_size=group_size, language="cuda")
@@ -366,7 +367,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
 
     # A tile split over K writes float32 planes; add them into out, as the
     # variant does through MLX (one more kernel, timed with it).
-    splits = config.splits  # type: ignore[union-attr]
+    splits = output_planes(config)
     planes = cp.empty((splits, M, N), dtype=cp.float32)
     add = cp.RawKernel(r"""
 #include <cuda_fp16.h>

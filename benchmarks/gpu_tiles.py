@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 import time
@@ -64,18 +63,12 @@ def cublas_s(M: int, N: int, K: int) -> float:
 def kernel_alone(log: gk.Log, names: list[str], m_values: list[int]) -> list[dict[str, Any]]:
     import cupy as cp
 
-    from pytest_qmmperf.workloads.qmm import QmmSpec
-
     rows = []
     for shape, (N, K) in gk.SHAPES.items():
         for M in m_values:
-            spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="float16")
-            sets = gk.cupy_operands(M, N, K, max(2, min(8, math.ceil(gk.L2_BYTES /
-                                                                     spec.weight_bytes))))
+            spec, sets, ref, scale = gd.problem(M, N, K)
             x, w, s, b, out = sets[0]
-            ref = gd.reference(x, w, s, b)
-            scale = float(cp.abs(ref).max())
-            del ref
+            del ref  # recomputed per kernel: at large M it is large
             blas = cublas_s(M, N, K)
             rows.append({"shape": shape, "M": M, "N": N, "K": K, "variant": "cublas-fp16",
                          "kernel_s": blas, "floor_s": gk.floor_s(spec),

@@ -114,6 +114,18 @@ def _positive(name: str, label: str, value: Any) -> None:
         raise TileError(f"{name}: {label}={value!r} must be a positive integer")
 
 
+def _non_negative(name: str, label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TileError(f"{name}: {label}={value!r} must be an integer >= 0")
+
+
+def _check_splits(name: str, splits: Any) -> None:
+    """Blocks an output tile's K is split over (tile and wide kernels)."""
+    _positive(name, "splits", splits)
+    if splits > MAX_TILE_SPLITS:
+        raise TileError(f"{name}: splits={splits} exceeds {MAX_TILE_SPLITS} blocks per output tile")
+
+
 def _check_warps(name: str, warps: int) -> None:
     if SIMD * warps > MAX_THREADS:
         raise TileError(
@@ -278,14 +290,8 @@ class TileConfig:
         name = self.name
         for label in ("bm", "bn", "bk", "wm", "wn"):
             _positive(name, label.upper(), getattr(self, label))
-        _positive(name, "splits", self.splits)
-        if self.splits > MAX_TILE_SPLITS:
-            raise TileError(
-                f"{name}: splits={self.splits} exceeds {MAX_TILE_SPLITS} blocks per output tile"
-            )
-        if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
-                or self.decode_max_m < 0:
-            raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
+        _check_splits(name, self.splits)
+        _non_negative(name, "decode_max_m", self.decode_max_m)
         if self.bm % self.wm:
             raise TileError(
                 f"{name}: BM={self.bm} is not divisible by WM={self.wm} (each of the WM x WN "
@@ -426,20 +432,17 @@ class WideConfig:
 
     def __post_init__(self) -> None:
         name = self.name
-        for label in ("warps", "rows", "tokens", "splits"):
+        for label in ("warps", "rows", "tokens"):
             _positive(name, label, getattr(self, label))
+        _check_splits(name, self.splits)
         _check_warps(name, self.warps)
-        if isinstance(self.gemm_min_m, bool) or not isinstance(self.gemm_min_m, int) \
-                or self.gemm_min_m < 0:
-            raise TileError(f"{name}: gemm_min_m={self.gemm_min_m!r} must be an integer >= 0")
+        _non_negative(name, "decode_max_m", self.decode_max_m)
+        _non_negative(name, "gemm_min_m", self.gemm_min_m)
         if 0 < self.gemm_min_m <= self.decode_max_m:
             raise TileError(
                 f"{name}: gemm_min_m={self.gemm_min_m} must exceed decode_max_m="
                 f"{self.decode_max_m} (or be 0): the small-M kernels take M <= decode_max_m"
             )
-        if isinstance(self.decode_max_m, bool) or not isinstance(self.decode_max_m, int) \
-                or self.decode_max_m < 0:
-            raise TileError(f"{name}: decode_max_m={self.decode_max_m!r} must be an integer >= 0")
         if self.tokens % FRAG_TOKENS or self.tokens > MAX_WIDE_TOKENS:
             raise TileError(
                 f"{name}: tokens={self.tokens} must be a multiple of {FRAG_TOKENS} (8-token "
@@ -449,10 +452,6 @@ class WideConfig:
             raise TileError(
                 f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
                 "(register budget: each holds its packed weights, twice, and accumulators)"
-            )
-        if self.splits > MAX_TILE_SPLITS:
-            raise TileError(
-                f"{name}: splits={self.splits} exceeds {MAX_TILE_SPLITS} blocks per output tile"
             )
         if self.live_registers > MAX_WIDE_LIVE_REGISTERS:
             raise TileError(

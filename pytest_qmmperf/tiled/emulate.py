@@ -23,8 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_qmmperf.tiled.config import DequantConfig, KernelConfig, output_planes
-from pytest_qmmperf.tiled.source import PACKAGE, KernelSource, generate, geometry, template_args
+from pytest_qmmperf.tiled.config import KernelConfig, output_planes
+from pytest_qmmperf.tiled.source import (
+    PACKAGE,
+    KernelSource,
+    generate,
+    geometry,
+    output_shape,
+    template_args,
+)
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -146,12 +153,12 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
             call = (f"qmm_emu::launch_cuda(gx, gy, threads, [&] {{\n"
                     f"      {name}({', '.join(_call_args(src, ctype, out_ctype))});\n    }});")
             shape_type = "mlx::core::cu::Shape"
-        planes, size = _out_layout(k)
-        count = ("size_t(N) * size_t(K)" if isinstance(k.config, DequantConfig)
-                 else f"size_t({planes}) * size_t(M) * size_t(N)")
+        # out's shape as C++: output_shape() with the run's M, N, K left symbolic
+        symbols: Any = ("M", "N", "K")
+        count = " * ".join(f"size_t({d})" for d in output_shape(k.config, *symbols))
         cases.append(
             f"  case {i}: {{\n"
-            f"    out.assign({count} * {size}, '\\0');\n"
+            f"    out.assign({count} * {_element_size(k)}, '\\0');\n"
             f"    {shape_type} x_shape{{}}, w_shape{{}};\n"
             f"    x_shape[0] = M; x_shape[1] = K; w_shape[0] = N; w_shape[1] = K * {k.bits} / 32;\n"
             f"    {call}\n    break;\n  }}"
@@ -160,10 +167,9 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
     return "\n".join(parts)
 
 
-def _out_layout(kernel: EmulatedKernel) -> tuple[int, int]:
-    """``out``'s planes and element size: a kernel split over K writes float32 planes."""
-    planes = output_planes(kernel.config)
-    return (planes, 4) if planes > 1 else (1, 2)
+def _element_size(kernel: EmulatedKernel) -> int:
+    """Bytes of one element of ``out``: float32 planes of a kernel split over K, else T."""
+    return 4 if output_planes(kernel.config) > 1 else 2
 
 
 def build(kernels: Sequence[EmulatedKernel], language: str, workdir: Path) -> Path:
@@ -210,14 +216,12 @@ def run(exe: Path, index: int, kernel: EmulatedKernel, x: mx.array, w: mx.array,
         if proc.returncode:
             raise RuntimeError(f"emulated kernel failed ({' '.join(cmd)}): {proc.stderr[-2000:]}")
         data = (d / "out.bin").read_bytes()
-    planes, _ = _out_layout(kernel)
-    if isinstance(kernel.config, DequantConfig):
-        M, N = N, K  # the dense weight, (N, K)
-    if planes > 1:
+    shape = output_shape(kernel.config, M, N, K)
+    if output_planes(kernel.config) > 1:
         # What the variant does: add the float32 partial sums, then round to T.
-        partial = np.frombuffer(data, dtype=np.float32).reshape(planes, M, N)
+        partial = np.frombuffer(data, dtype=np.float32).reshape(shape)
         return mx.array(partial.sum(axis=0)).astype(getattr(mx, kernel.dtype))
-    raw = np.frombuffer(data, dtype=np.uint16).reshape(M, N)
+    raw = np.frombuffer(data, dtype=np.uint16).reshape(shape)
     if kernel.dtype == "float16":
         values: Any = raw.view(np.float16).astype(np.float32)
     else:

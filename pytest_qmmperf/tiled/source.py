@@ -869,6 +869,16 @@ def template_args(config: KernelConfig, M: int) -> list[tuple[str, int]]:
     return []
 
 
+def output_shape(config: KernelConfig, M: int, N: int, K: int) -> tuple[int, ...]:
+    """``out``'s shape for an (M, K) x (N, K) problem: ``(M, N)``; ``(splits, M, N)``
+    float32 planes for a kernel split over K; the dense ``(N, K)`` weight for the
+    dequant kernel."""
+    if isinstance(config, DequantConfig):
+        return (N, K)
+    planes = output_planes(config)
+    return (planes, M, N) if planes > 1 else (M, N)
+
+
 def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int],
                                                              tuple[int, int, int]]:
     """``(grid, threadgroup)`` in threads, as both ``metal_kernel`` and ``cuda_kernel`` take them.

@@ -19,7 +19,13 @@ from pytest_qmmperf.tiled.config import (
     output_planes,
     spec_reason,
 )
-from pytest_qmmperf.tiled.source import KernelSource, generate, geometry, template_args
+from pytest_qmmperf.tiled.source import (
+    KernelSource,
+    generate,
+    geometry,
+    output_shape,
+    template_args,
+)
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -96,7 +102,7 @@ class TiledQmm:
         self.decode = decode or DecodeConfig()
         self.skinny = skinny or SkinnyConfig()
         self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None,
-                                                  bool, bool]] = {}
+                                                  bool, Any]] = {}
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -131,14 +137,12 @@ class TiledQmm:
         if plan is None:
             plan = self._plans[key] = self._plan(x, w, scales, biases, transpose=transpose,
                                                  group_size=group_size, bits=bits, mode=mode)
-        kern, launch, flat, partial, gemm = plan
+        kern, launch, flat, partial, matmul = plan
         x2 = x if flat is None else x.reshape(flat)
         out = kern(inputs=[x2, w, scales, biases], **launch)[0]
-        if gemm:
+        if matmul is not None:
             # The dequant kernel wrote the dense (N, K) weight; MLX's matmul does the rest.
-            import mlx.core as mx
-
-            out = mx.matmul(x2, out.T)
+            out = matmul(x2, out.T)
         elif partial:
             # A kernel split over K: add its float32 planes, then round once to x's dtype.
             out = out.sum(axis=0).astype(x.dtype)
@@ -148,7 +152,7 @@ class TiledQmm:
 
     def _plan(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
               transpose: bool, group_size: int, bits: int, mode: str
-              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool, bool]:
+              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool, Any]:
         import mlx.core as mx
 
         name = self.config.name
@@ -180,14 +184,12 @@ class TiledQmm:
         src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
-        splits = output_planes(config)
-        partial = splits > 1
-        gemm = isinstance(config, DequantConfig)
-        out_shape = (N, K) if gemm else ((splits, M, N) if partial else (M, N))
+        partial = output_planes(config) > 1
+        matmul = mx.matmul if isinstance(config, DequantConfig) else None
         out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
-                  "output_shapes": [out_shape], "output_dtypes": [out_dtype]}
-        return kern, launch, (None if x.ndim == 2 else (M, K)), partial, gemm
+                  "output_shapes": [output_shape(config, M, N, K)], "output_dtypes": [out_dtype]}
+        return kern, launch, (None if x.ndim == 2 else (M, K)), partial, matmul
 
 
 def describe(config: KernelConfig) -> str:

@@ -326,7 +326,7 @@ def test_both_layers_define_the_same_interface():
     interface = ["qmm_q2f", "qmm_unit", "qmm_zero4", "qmm_word", "qmm_lo", "qmm_hi",
                  "qmm_pack", "qmm_warp_sum", "struct QmmWarpTile", "void init(", "void mma(",
                  "void store(", "struct QmmSkinny", "void load_x(", "float value(int e)",
-                 "int token(int e)", "int out_row(int e)", "struct QmmWide",
+                 "int token(int e)", "int out_row(int e)", "struct QmmRowFrags", "struct QmmWide",
                  "#define QMM_WIDE_STEPS", "#define QMM_WIDE_PAIRS"]
     for name in interface:
         assert name in metal and name in cuda, name

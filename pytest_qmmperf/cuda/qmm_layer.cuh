@@ -221,20 +221,17 @@ struct QmmWarpTile {
   }
 };
 
-// The skinny kernel's fragments: RF fragments of 16 weight rows x 8 * TILES
-// tokens per warp. Lane (g = lane / 4, t = lane % 4) owns rows g and g + 8 of
-// each fragment and, of each 128-k super-step, k = 32t .. 32t + 31 ("chunk"
-// t), for the weights and for its tokens g (+ 8i). mma step s (of 8) gives
-// m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its
-// pair 2s+1, in A (weights) and B (x) alike, so each lane only uses data it
-// loaded itself; the x it loads serves all RF fragments.
-template <typename T, int TILES, int RF, int BITS>
-struct QmmSkinny {
+// The fragments of the skinny and wide kernels: RF fragments of 16 weight
+// rows x 8 * TILES tokens per warp, accumulated in float. Lane (g = lane / 4,
+// t = lane % 4) owns rows g and g + 8 of each fragment (`row`) and, of each
+// 128-k super-step, k = 32t .. 32t + 31 (`chunk` t) of its weights; the
+// m16n8k16 results it holds are rows g, g + 8 at tokens 2t, 2t + 1.
+template <int TILES, int RF>
+struct QmmRowFrags {
   static constexpr int ACC = 4 * TILES;  // accumulators per fragment
   float acc[RF][TILES][4];
-  uint32_t xw[TILES][16];  // the chunk's x of token g + 8i, as 16 pairs
-  int row;                 // g: rows row and row + 8 of each fragment
-  int chunk;               // t
+  int row;    // g: rows row and row + 8 of each fragment
+  int chunk;  // t
   int g;
   int t;
 
@@ -255,12 +252,53 @@ struct QmmSkinny {
     }
   }
 
+  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
+  __device__ __forceinline__ float value(int e) const {
+    return acc[e / ACC][(e % ACC) / 4][e % 4];
+  }
+  __device__ __forceinline__ int token(int e) const {
+    return 8 * ((e % ACC) / 4) + 2 * t + (e & 1);
+  }
+  __device__ __forceinline__ int out_row(int e) const {
+    return 16 * (e / ACC) + g + 8 * ((e % 4) >> 1);
+  }
+
+  // out[m0 + token(e)][n0 + out_row(e)] = value(e) inside M x N; out is T, or
+  // float for a kernel split over K (its partial sums).
+  template <typename O>
+  __device__ __forceinline__ void store(O* out, int m0, int n0, int M, int N) const {
+#pragma unroll
+    for (int e = 0; e < RF * ACC; ++e) {
+      const int m = m0 + token(e);
+      const int n = n0 + out_row(e);
+      if (m < M && n < N) {
+        out[static_cast<size_t>(m) * static_cast<size_t>(N) + static_cast<size_t>(n)] =
+            static_cast<O>(value(e));
+      }
+    }
+  }
+};
+
+// The skinny kernel: QmmRowFrags, each lane loading its own x (tokens g + 8i,
+// its chunk) from device memory. mma step s (of 8) gives m16n8k16's k slots
+// 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1, in A
+// (weights) and B (x) alike, so each lane only uses data it loaded itself;
+// the x it loads serves all RF fragments.
+template <typename T, int TILES, int RF, int BITS>
+struct QmmSkinny {
+  QmmRowFrags<TILES, RF> frag;
+  uint32_t xw[TILES][16];  // the chunk's x of token g + 8i, as 16 pairs
+
+  __device__ __forceinline__ void init(unsigned lane) {
+    frag.init(lane);
+  }
+
   // x[m0 + 8i + g][ks + 32t .. +31] as pairs, in QmmDq's pair order; zeros past M or K.
   __device__ __forceinline__ void load_x(const T* x, int m0, int ks, int K, int M) {
-    const int k = ks + 32 * t;
+    const int k = ks + 32 * frag.t;
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
-      const int m = m0 + 8 * i + g;
+      const int m = m0 + 8 * i + frag.g;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         uint4 v = qmm_zero4();
@@ -285,26 +323,13 @@ struct QmmSkinny {
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
         const uint32_t b[2] = {xw[i][2 * s], xw[i][2 * s + 1]};
-        QmmMma<T>::run(acc[f][i], a, b);
+        QmmMma<T>::run(frag.acc[f][i], a, b);
       }
     }
   }
-
-  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
-  __device__ __forceinline__ float value(int e) const {
-    return acc[e / ACC][(e % ACC) / 4][e % 4];
-  }
-  __device__ __forceinline__ int token(int e) const {
-    return 8 * ((e % ACC) / 4) + 2 * t + (e & 1);
-  }
-  __device__ __forceinline__ int out_row(int e) const {
-    return 16 * (e / ACC) + g + 8 * ((e % 4) >> 1);
-  }
 };
 
-// The wide kernel's fragments: the skinny kernel's lane layout (lane (g, t)
-// owns weight rows g and g + 8 of each of RF fragments at chunk t, k = 32t
-// .. 32t + 31 of each 128-k super-step), with x read back from the block's
+// The wide kernel: QmmRowFrags, with x read back from the block's
 // threadgroup copy (token row pitch XP halves, 16-byte units placed by
 // qmm_wide_unit) for TILES 8-token fragments. Step s (of QMM_WIDE_STEPS)
 // gives m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8,
@@ -323,34 +348,17 @@ __device__ __forceinline__ int qmm_wide_unit(int row, int u) {
 #define QMM_WIDE_PAIRS 2
 template <typename T, int TILES, int RF, int XP>
 struct QmmWide {
-  float acc[RF][TILES][4];
+  QmmRowFrags<TILES, RF> frag;
   uint32_t xq[TILES][4];  // x of token g + 8i, words 2s .. 2s + 3 of the chunk
   // Unit j of chunk t of token g starts at xo + ((8j) ^ xc): qmm_wide_unit(g, 4t + j)
   // only flips the two low bits of j (tokens g + 8i: 8i rows further, same parity).
   int xo;
   int xc;
-  int row;
-  int chunk;
-  int g;
-  int t;
 
   __device__ __forceinline__ void init(unsigned lane) {
-    g = static_cast<int>(lane) >> 2;
-    t = static_cast<int>(lane) & 3;
-    row = g;
-    chunk = t;
-    xo = g * XP + 32 * t;
-    xc = (qmm_wide_unit(g, 4 * t) - 4 * t) * 8;
-#pragma unroll
-    for (int f = 0; f < RF; ++f) {
-#pragma unroll
-      for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[f][i][e] = 0.0f;
-        }
-      }
-    }
+    frag.init(lane);
+    xo = frag.g * XP + 32 * frag.t;
+    xc = (qmm_wide_unit(frag.g, 4 * frag.t) - 4 * frag.t) * 8;
   }
 
   __device__ __forceinline__ void load_x(const T* xs, int s) {
@@ -373,27 +381,7 @@ struct QmmWide {
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
       const uint32_t b[2] = {xq[i][2 * (s & 1)], xq[i][2 * (s & 1) + 1]};
-      QmmMma<T>::run(acc[f][i], a, b);
-    }
-  }
-
-  // out is T, or float for a kernel split over K (its partial sums).
-  template <typename O>
-  __device__ __forceinline__ void store(O* out, int m0, int n0, int M, int N) {
-#pragma unroll
-    for (int f = 0; f < RF; ++f) {
-#pragma unroll
-      for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int n = n0 + 16 * f + g + (e >> 1) * 8;
-          const int m = m0 + 8 * i + 2 * t + (e & 1);
-          if (m < M && n < N) {
-            out[static_cast<size_t>(m) * static_cast<size_t>(N) + static_cast<size_t>(n)] =
-                static_cast<O>(acc[f][i][e]);
-          }
-        }
-      }
+      QmmMma<T>::run(frag.acc[f][i], a, b);
     }
   }
 };

@@ -199,22 +199,16 @@ struct QmmWarpTile {
   }
 };
 
-// The skinny kernel's fragments: RF fragments of 16 weight rows x 8 * TILES
-// tokens per SIMD group, as 8x8 simdgroup matrices: A = weights (rows x k; rows 0-7 and
-// 8-15), B = x.T (k x tokens), C = rows x tokens. Lane (fm, fn) owns weight
-// rows fm and fm + 8 at chunk fn / 2 of each 128-k super-step (k = 32 * chunk
-// .. +31). Step s (of 16) gives A's k slot 2c + e element e of chunk c's
-// pair s (QmmDq's pair order, in which load_x also keeps x); B's slot r is
-// then element r % 2 of pair s of chunk r / 2, which lane (fm, fn) loads for
-// its tokens fn and fn + 1. The same idea as the CUDA layer's
-// QmmSkinny, with Metal's fragment layout; the x a lane loads serves all RF
-// fragments.
-template <typename T, int TILES, int RF, int BITS>
-struct QmmSkinny {
+// The fragments of the skinny and wide kernels: RF fragments of 16 weight
+// rows x 8 * TILES tokens per SIMD group, as 8x8 simdgroup matrices in float:
+// C = rows x tokens, two per 16 rows. Lane (fm, fn) owns weight rows fm and
+// fm + 8 of each fragment (`row`) at chunk fn / 2 of each 128-k super-step
+// (`chunk`; k = 32 * chunk .. +31), and holds C at rows fm, fm + 8 and
+// tokens fn, fn + 1 (the lane layout MLX's steel GEMM uses).
+template <int TILES, int RF>
+struct QmmRowFrags {
   static constexpr int ACC = 4 * TILES;  // accumulators per fragment
   simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
-  uint32_t xa[TILES][16];  // token fn of fragment i, chunk fm / 2, as pairs
-  uint32_t xb[TILES][16];  // token fn + 1
   int row;
   int chunk;
   short fm;
@@ -237,13 +231,51 @@ struct QmmSkinny {
     }
   }
 
+  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
+  inline float value(int e) {
+    return acc[e / ACC][(e % ACC) / 4][(e % 4) / 2].thread_elements()[e % 2];
+  }
+  inline int token(int e) const { return 8 * ((e % ACC) / 4) + fn + (e % 2); }
+  inline int out_row(int e) const { return 16 * (e / ACC) + fm + 8 * ((e % 4) / 2); }
+
+  // out[m0 + token(e)][n0 + out_row(e)] = value(e) inside M x N; out is T, or
+  // float for a kernel split over K (its partial sums).
+  template <typename O>
+  inline void store(device O* out, int m0, int n0, int M, int N) {
+#pragma unroll
+    for (int e = 0; e < RF * ACC; ++e) {
+      const int m = m0 + token(e);
+      const int n = n0 + out_row(e);
+      if (m < M && n < N) {
+        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<O>(value(e));
+      }
+    }
+  }
+};
+
+// The skinny kernel: QmmRowFrags, each lane loading its own x from device
+// memory. A = weights (rows x k; rows 0-7 and 8-15), B = x.T (k x tokens).
+// Step s (of 16) gives A's k slot 2c + e element e of chunk c's pair s
+// (QmmDq's pair order, in which load_x also keeps x); B's slot r is then
+// element r % 2 of pair s of chunk r / 2, which lane (fm, fn) loads for its
+// tokens fn and fn + 1. The same idea as the CUDA layer's QmmSkinny, with
+// Metal's fragment layout; the x a lane loads serves all RF fragments.
+template <typename T, int TILES, int RF, int BITS>
+struct QmmSkinny {
+  QmmRowFrags<TILES, RF> frag;
+  uint32_t xa[TILES][16];  // token fn of fragment i, chunk fm / 2, as pairs
+  uint32_t xb[TILES][16];  // token fn + 1
+
+  inline void init(uint lane) {
+    frag.init(lane);
+  }
   inline void load_x(const device T* x, int m0, int ks, int K, int M) {
-    const int k = ks + 32 * (fm / 2);
+    const int k = ks + 32 * (frag.fm / 2);
 #pragma unroll
     for (int i = 0; i < TILES; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * i + fn + e;
+        const int m = m0 + 8 * i + frag.fn + e;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           uint4 v = uint4(0u);
@@ -277,25 +309,16 @@ struct QmmSkinny {
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
         simdgroup_matrix<float, 8, 8> b;
-        b.thread_elements()[0] = (fm % 2 == 0) ? qmm_lo<T>(xa[i][s]) : qmm_hi<T>(xa[i][s]);
-        b.thread_elements()[1] = (fm % 2 == 0) ? qmm_lo<T>(xb[i][s]) : qmm_hi<T>(xb[i][s]);
-        simdgroup_multiply_accumulate(acc[f][i][0], a0, b, acc[f][i][0]);
-        simdgroup_multiply_accumulate(acc[f][i][1], a1, b, acc[f][i][1]);
+        b.thread_elements()[0] = (frag.fm % 2 == 0) ? qmm_lo<T>(xa[i][s]) : qmm_hi<T>(xa[i][s]);
+        b.thread_elements()[1] = (frag.fm % 2 == 0) ? qmm_lo<T>(xb[i][s]) : qmm_hi<T>(xb[i][s]);
+        simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
+        simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
       }
     }
   }
-
-  // Accumulator e (0 .. RF * ACC - 1): its value, token and weight row in the block.
-  inline float value(int e) {
-    return acc[e / ACC][(e % ACC) / 4][(e % 4) / 2].thread_elements()[e % 2];
-  }
-  inline int token(int e) const { return 8 * ((e % ACC) / 4) + fn + (e % 2); }
-  inline int out_row(int e) const { return 16 * (e / ACC) + fm + 8 * ((e % 4) / 2); }
 };
 
-// The wide kernel's fragments: the skinny kernel's lane layout (lane (fm, fn)
-// owns weight rows fm and fm + 8 of each of RF fragments at chunk fn / 2 of
-// each 128-k super-step), with x read back from the block's threadgroup copy
+// The wide kernel: QmmRowFrags, with x read back from the block's threadgroup copy
 // (token row pitch XP halves, 16-byte units placed by qmm_wide_unit) for
 // TILES 8-token fragments.
 // Step s (of QMM_WIDE_STEPS) gives A's k slot 2c + e element e of chunk c's
@@ -315,28 +338,11 @@ inline int qmm_wide_unit(int row, int u) {
 #define QMM_WIDE_PAIRS 1
 template <typename T, int TILES, int RF, int XP>
 struct QmmWide {
-  simdgroup_matrix<float, 8, 8> acc[RF][TILES][2];
+  QmmRowFrags<TILES, RF> frag;
   float xv[TILES][2];  // tokens fn and fn + 1 of fragment i at this step's k slot fm
-  int row;
-  int chunk;
-  short fm;
-  short fn;
 
   inline void init(uint lane) {
-    qmm_lane_layout(lane, fm, fn);
-    row = fm;
-    chunk = fn / 2;
-#pragma unroll
-    for (int f = 0; f < RF; ++f) {
-#pragma unroll
-      for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          acc[f][i][h].thread_elements()[0] = 0.0f;
-          acc[f][i][h].thread_elements()[1] = 0.0f;
-        }
-      }
-    }
+    frag.init(lane);
   }
 
   inline void load_x(const threadgroup T* xs, int s) {
@@ -344,8 +350,8 @@ struct QmmWide {
     for (int i = 0; i < TILES; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int row = 8 * i + fn + e;
-        const int k = 32 * (fm / 2) + 2 * s + fm % 2;  // this step's k slot fm in the row
+        const int row = 8 * i + frag.fn + e;
+        const int k = 32 * (frag.fm / 2) + 2 * s + frag.fm % 2;  // this step's k slot fm
         xv[i][e] = static_cast<float>(xs[row * XP + qmm_wide_unit(row, k / 8) * 8 + k % 8]);
       }
     }
@@ -364,31 +370,8 @@ struct QmmWide {
       simdgroup_matrix<float, 8, 8> b;
       b.thread_elements()[0] = xv[i][0];
       b.thread_elements()[1] = xv[i][1];
-      simdgroup_multiply_accumulate(acc[f][i][0], a0, b, acc[f][i][0]);
-      simdgroup_multiply_accumulate(acc[f][i][1], a1, b, acc[f][i][1]);
-    }
-  }
-
-  // out is T, or float for a kernel split over K (its partial sums).
-  template <typename O>
-  inline void store(device O* out, int m0, int n0, int M, int N) {
-#pragma unroll
-    for (int f = 0; f < RF; ++f) {
-#pragma unroll
-      for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int n = n0 + 16 * f + 8 * h + fm;
-            const int m = m0 + 8 * i + fn + e;
-            if (m < M && n < N) {
-              out[size_t(m) * size_t(N) + size_t(n)] =
-                  static_cast<O>(acc[f][i][h].thread_elements()[e]);
-            }
-          }
-        }
-      }
+      simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
+      simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
     }
   }
 };

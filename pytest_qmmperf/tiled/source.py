@@ -485,7 +485,7 @@ $prologue
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
-    const int k = ks + 32 * sk.chunk;
+    const int k = ks + 32 * sk.frag.chunk;
     const bool live = k < K;
     // Every load of the step first (weights, their group's terms, x), so
     // that their latencies overlap; then dequantize and multiply.
@@ -495,7 +495,7 @@ $prologue
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = n0 + 16 * f + sk.row + 8 * h;
+        const int row = n0 + 16 * f + sk.frag.row + 8 * h;
 #pragma unroll
         for (int i = 0; i < CW; i += 4) {
           uint4 v = qmm_zero4();
@@ -534,14 +534,14 @@ $prologue
   }
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
-    red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.value(e);
+    red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.frag.value(e);
   }
   $barrier;
   // Warp q adds up accumulators q, q + W, ... over the warps, in warp order.
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
-    const int m = m0 + sk.token(e);
-    const int n = n0 + sk.out_row(e);
+    const int m = m0 + sk.frag.token(e);
+    const int n = n0 + sk.frag.out_row(e);
     if (e % W == int(warp) && m < M && n < N) {
       float v = 0.0f;
       for (int q = 0; q < W; ++q) {
@@ -570,8 +570,8 @@ _WIDE_LOAD = """\
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = nw + 16 * f + wd.row + 8 * h;
-        const int k = kl + 32 * wd.chunk;
+        const int row = nw + 16 * f + wd.frag.row + 8 * h;
+        const int k = kl + 32 * wd.frag.chunk;
         const bool live = k < K && row < N;
 #pragma unroll
         for (int i = 0; i < CW; i += 4) {
@@ -704,7 +704,7 @@ $load
     }
     buf ^= 1;
   }
-  wd.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
+  wd.frag.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
 """)
 
 

@@ -485,36 +485,18 @@ $prologue
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
   for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
-    const int k = ks + 32 * sk.frag.chunk;
-    const bool live = k < K;
     // Every load of the step first (weights, their group's terms, x), so
     // that their latencies overlap; then dequantize and multiply.
     uint32_t wv[RF][2][CW];
+    float sv[RF][2];
+    float bv[RF][2];
+$weights
     QmmDq<T, BITS> dq[RF][2];
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = n0 + 16 * f + sk.frag.row + 8 * h;
-#pragma unroll
-        for (int i = 0; i < CW; i += 4) {
-          uint4 v = qmm_zero4();
-          if (live && row < N) {
-            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
-          }
-          wv[f][h][i] = qmm_word(v, 0);
-          wv[f][h][i + 1] = qmm_word(v, 1);
-          wv[f][h][i + 2] = qmm_word(v, 2);
-          wv[f][h][i + 3] = qmm_word(v, 3);
-        }
-        float s = 0.0f;
-        float b = 0.0f;
-        if (live && row < N) {
-          const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-          s = float(scales[g]);
-          b = float(biases[g]);
-        }
-        dq[f][h].set(s, b);
+        dq[f][h].set(sv[f][h], bv[f][h]);
       }
     }
     sk.load_x(x, m0, ks, K, M);
@@ -553,6 +535,37 @@ $prologue
 """)
 
 
+_FRAG_WEIGHTS = """\
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Lane (row r, chunk c): k = $k + 32c .. +31 of rows r and r + 8 of fragment f.
+        const int row = $n + 16 * f + $frag.row + 8 * h;
+        const int k = $k + 32 * $frag.chunk;
+        const bool live = k < K && row < N;
+#pragma unroll
+        for (int i = 0; i < CW; i += 4) {
+          uint4 v = qmm_zero4();
+          if (live) {
+            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+          }
+          $w[f][h][i] = qmm_word(v, 0);
+          $w[f][h][i + 1] = qmm_word(v, 1);
+          $w[f][h][i + 2] = qmm_word(v, 2);
+          $w[f][h][i + 3] = qmm_word(v, 3);
+        }
+        $s[f][h] = 0.0f;
+        $b[f][h] = 0.0f;
+        if (live) {
+          const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
+          $s[f][h] = float(scales[g]);
+          $b[f][h] = float(biases[g]);
+        }
+      }
+    }
+"""
+
 _WIDE_LOAD = """\
     // Global -> registers, for the super-step at kl: the block's x as 16-byte
     // vectors, and this lane's 32 k of its weight rows with their groups' terms.
@@ -566,33 +579,7 @@ _WIDE_LOAD = """\
         xr[j] = *((const ${dev}uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
       }
     }
-#pragma unroll
-    for (int f = 0; f < RF; ++f) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = nw + 16 * f + wd.frag.row + 8 * h;
-        const int k = kl + 32 * wd.frag.chunk;
-        const bool live = k < K && row < N;
-#pragma unroll
-        for (int i = 0; i < CW; i += 4) {
-          uint4 v = qmm_zero4();
-          if (live) {
-            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
-          }
-          wn[f][h][i] = qmm_word(v, 0);
-          wn[f][h][i + 1] = qmm_word(v, 1);
-          wn[f][h][i + 2] = qmm_word(v, 2);
-          wn[f][h][i + 3] = qmm_word(v, 3);
-        }
-        sn[f][h] = 0.0f;
-        bn[f][h] = 0.0f;
-        if (live) {
-          const size_t g = size_t(row) * size_t(G) + size_t(k / GS);
-          sn[f][h] = float(scales[g]);
-          bn[f][h] = float(biases[g]);
-        }
-      }
-    }
+$weights
 """
 
 _WIDE_STAGE = """\
@@ -763,10 +750,16 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         key: Template(val).substitute(dev=dialect.dev, tg=dialect.tg)
         for key, val in (("load", _TILED_LOAD), ("store", _TILED_STORE))
     }
+    weights = Template(_FRAG_WEIGHTS)
     if template is _WIDE_BODY:
-        snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev)
+        snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev, weights=_indent_free(
+            weights.substitute(dev=dialect.dev, frag="wd.frag", n="nw", k="kl", w="wn", s="sn",
+                               b="bn")))
         values = {**values, "stage": _indent_free(
             Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
+    if template is _SKINNY_BODY:
+        values = {**values, "weights": _indent_free(weights.substitute(
+            dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv"))}
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")

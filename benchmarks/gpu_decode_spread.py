@@ -16,6 +16,12 @@ machine hits them alike:
   round (Linux ``sched_setaffinity``), so the host side of generation, which
   dispatches each of a decode step's kernels, stays on the same cores.
 
+With ``--variants A,B,...`` the conditions are variants instead: each
+round re-routes the model's quantized layers to the next variant (same
+weights, ``PrefillRunner.set_variant``) and measures a ``default`` round,
+so two variants' generation speeds are compared under the same drift of
+the host (section 3b: gen tok/s moves with it).
+
 Reports each round's TTFT and gen tok/s and, per condition, the spread
 ``(max - min) / median`` over its rounds.  Writes ``decode_spread.json``
 under ``--out``.
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=10049)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--variant", default="mlx")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variants to interleave (instead of the conditions)")
     parser.add_argument("--rounds", type=int, default=8, help="rounds per condition")
     parser.add_argument("--cores", default="0-3", help="cores for the pinned condition")
     parser.add_argument("--out", type=Path, default=Path("decode_spread_out"))
@@ -97,15 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
+    variants = [v for v in args.variants.split(",") if v]
+    conditions = variants or list(CONDITIONS)
+    first = variants[0] if variants else args.variant
     spec = PrefillSpec(model=args.model, prompt_tokens=args.prompt_tokens,
-                       gen_tokens=args.gen_tokens, variant=args.variant)
+                       gen_tokens=args.gen_tokens, variant=first)
     runner = PrefillRunner(spec, say)
-    runner.warmup()
+    cold: dict[str, float] = {}
+    for v in variants or [args.variant]:
+        runner.set_variant(v)
+        runner.check()  # logits against the float32 dequantize reference
+        cold[v] = runner.warmup()
     rows: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        for cond in CONDITIONS:
+        for cond in conditions:
             ctx = (pinned(cores) if cond == "pinned" else buffer_cache_kept()
                    if cond == "keep-cache" else contextlib.nullcontext())
+            if variants:
+                runner.set_variant(cond)
             with ctx:
                 result = runner.run_round()
             rows.append({"condition": cond, "round": r + 1, **result,
@@ -114,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['gen_tps']:.1f} tok/s, passes "
                 + " ".join(f"{d * 1e3:.1f}" for d in runner.last_timings["decode_s"]) + " ms")
     summary = {}
-    for cond in CONDITIONS:
+    for cond in conditions:
         mine = [row for row in rows if row["condition"] == cond]
         gen = [row["gen_tps"] for row in mine]
         ttft = [row["ttft_s"] for row in mine]
@@ -124,9 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{cond:10s}: gen {summary[cond]['gen_tps_median']:.1f} tok/s spread "
             f"{summary[cond]['gen_spread_pct']:.1f}%; TTFT {summary[cond]['ttft_median']:.4f} s "
             f"spread {summary[cond]['ttft_spread_pct']:.1f}%")
+    if variants:  # paired: each round's gen tok/s against the first variant's in that round
+        base = [row for row in rows if row["condition"] == variants[0]]
+        for cond in variants[1:]:
+            mine = [row for row in rows if row["condition"] == cond]
+            ratios = [m["gen_tps"] / b["gen_tps"] for m, b in zip(mine, base, strict=True)]
+            ttft = [m["ttft_s"] / b["ttft_s"] for m, b in zip(mine, base, strict=True)]
+            summary[cond]["gen_ratio_median"] = statistics.median(ratios)
+            summary[cond]["ttft_ratio_median"] = statistics.median(ttft)
+            say(f"{cond}: gen tok/s {statistics.median(ratios):.3f}x, TTFT "
+                f"{statistics.median(ttft):.3f}x {variants[0]}'s in the same round (medians of "
+                f"{len(ratios)} rounds; gen ratios {min(ratios):.3f}-{max(ratios):.3f})")
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "mlx": mx.__version__, "command": " ".join(sys.argv), "cores": sorted(cores),
-              "cpu_count": os.cpu_count(), "rounds": rows, "summary": summary}
+              "cpu_count": os.cpu_count(), "cold_start_s": cold, "rounds": rows,
+              "summary": summary}
     (args.out / "decode_spread.json").write_text(json.dumps(report, indent=1))
     return 0
 

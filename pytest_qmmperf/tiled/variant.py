@@ -101,8 +101,7 @@ class TiledQmm:
         self.config = config
         self.decode = decode or DecodeConfig()
         self.skinny = skinny or SkinnyConfig()
-        self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], tuple[int, int] | None,
-                                                  bool, Any]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], bool, Any]] = {}
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -137,22 +136,22 @@ class TiledQmm:
         if plan is None:
             plan = self._plans[key] = self._plan(x, w, scales, biases, transpose=transpose,
                                                  group_size=group_size, bits=bits, mode=mode)
-        kern, launch, flat, partial, matmul = plan
-        x2 = x if flat is None else x.reshape(flat)
-        out = kern(inputs=[x2, w, scales, biases], **launch)[0]
+        # x goes to the kernel in its own shape: the kernels read it as (M, K)
+        # rows (MLX makes it row-contiguous) and the output is declared in x's
+        # leading shape, so a decode step's (1, 1, K) costs no reshape ops.
+        kern, launch, partial, matmul = plan
+        out = kern(inputs=[x, w, scales, biases], **launch)[0]
         if matmul is not None:
             # The dequant kernel wrote the dense (N, K) weight; MLX's matmul does the rest.
-            out = matmul(x2, out.T)
-        elif partial:
+            return matmul(x, out.T)
+        if partial:
             # A kernel split over K: add its float32 planes, then round once to x's dtype.
-            out = out.sum(axis=0).astype(x.dtype)
-        if flat is None:
-            return out
-        return out.reshape(*x.shape[:-1], int(w.shape[0]))
+            return out.sum(axis=0).astype(x.dtype)
+        return out
 
     def _plan(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
               transpose: bool, group_size: int, bits: int, mode: str
-              ) -> tuple[Any, dict[str, Any], tuple[int, int] | None, bool, Any]:
+              ) -> tuple[Any, dict[str, Any], bool, Any]:
         import mlx.core as mx
 
         name = self.config.name
@@ -187,9 +186,12 @@ class TiledQmm:
         partial = output_planes(config) > 1
         matmul = mx.matmul if isinstance(config, DequantConfig) else None
         out_dtype = getattr(mx, src.output_dtype) if src.output_dtype else x.dtype
+        shape = output_shape(config, M, N, K)
+        if matmul is None:
+            shape = (*shape[:-2], *x.shape[:-1], N)  # (M, N) in x's leading shape
         launch = {"template": template, "grid": grid, "threadgroup": threadgroup,
-                  "output_shapes": [output_shape(config, M, N, K)], "output_dtypes": [out_dtype]}
-        return kern, launch, (None if x.ndim == 2 else (M, K)), partial, matmul
+                  "output_shapes": [shape], "output_dtypes": [out_dtype]}
+        return kern, launch, partial, matmul
 
 
 def describe(config: KernelConfig) -> str:

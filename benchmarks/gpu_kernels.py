@@ -13,6 +13,8 @@ variant registry the pytest plugin uses.
    3072x8192) and on awkward shapes: M = 1, 7, 33 and others not a multiple
    of any tile, N not a multiple of any tile, K at the smallest multiple of
    the group size; float16 and bfloat16, 4 and 8 bits, group sizes 32/64/128.
+   Each case runs twice: with x of shape (M, K), and of (1, M, K) as a
+   model's layers pass it.
 2. Time: for each projection and M in {1, 16, 128, 512, 2048, 8192}: ``mlx``,
    ``dequant`` and the tiled variants; 32 launches queued per ``mx.eval``
    over distinct input sets rotated (together larger than the L2 cache),
@@ -148,10 +150,16 @@ def run_cases(log: Log, cases: list[tuple[str, dict[str, Any]]]) -> list[dict[st
             inputs_cache[spec] = make_inputs(spec, seed=1)
         inp = inputs_cache[spec]
         try:
-            out = variant(inp.x, inp.w, inp.scales, inp.biases, transpose=True,
-                          group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+            how = dict(transpose=True, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+            out = variant(inp.x, inp.w, inp.scales, inp.biases, **how)
             mx.eval(out)
             err = check_output(spec, inp, out, name)
+            # x as a model's layers pass it, (1, M, K): the output must be (1, M, N)
+            out3 = variant(inp.x[None], inp.w, inp.scales, inp.biases, **how)
+            if tuple(out3.shape) != (1, spec.M, spec.N):
+                raise AssertionError(f"x of shape (1, {spec.M}, {spec.K}) gave an output of "
+                                     f"shape {tuple(out3.shape)}")
+            err = max(err, check_output(spec, inp, out3[0], name))
             row.update(ok=True, rel_error=err)
         except AssertionError as exc:
             row.update(ok=False, error=str(exc))
@@ -340,6 +348,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     grid, tg = geometry(config, M, N)
     blocks = (grid[0] // tg[0], grid[1], 1)
     xs = cp.array([M, K], dtype=cp.int32)
+    xnd = cp.int32(2)  # x_ndim: the kernels take x's leading dimensions as rows
     wsh = cp.array([N, K * bits // 32], dtype=cp.int32)
 
     if isinstance(config, DequantConfig):
@@ -349,7 +358,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
         dense = cp.empty((N, K), dtype=cp.float16)
 
         def dequant_only(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
-            fn(blocks, tg, (x, xs, w, wsh, scales, biases, dense))
+            fn(blocks, tg, (x, xs, xnd, w, wsh, scales, biases, dense))
 
         def launch_gemm(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
             dequant_only(x, w, scales, biases, out)
@@ -361,7 +370,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
 
     if src.output_dtype is None:
         def launch(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
-            fn(blocks, tg, (x, xs, w, wsh, scales, biases, out))
+            fn(blocks, tg, (x, xs, xnd, w, wsh, scales, biases, out))
 
         return launch
 
@@ -382,7 +391,7 @@ extern "C" __global__ void add_planes(const float* p, __half* out, int n, int pl
     count = M * N
 
     def launch_split(x: Any, w: Any, scales: Any, biases: Any, out: Any) -> None:
-        fn(blocks, tg, (x, xs, w, wsh, scales, biases, planes))
+        fn(blocks, tg, (x, xs, xnd, w, wsh, scales, biases, planes))
         add(((count + 255) // 256,), (256,), (planes, out, cp.int32(count), cp.int32(splits)))
 
     return launch_split

@@ -337,6 +337,58 @@ def test_compact_source_drops_comments_but_keeps_pragmas():
     assert source.compact(text) == "#pragma unroll\nfor (;;) {  // trailing\n}\n"
 
 
+PRUNE_LAYER = """\
+#ifndef LAYER_GUARD
+#define LAYER_GUARD
+inline int helper(int v) {
+return v + 1;
+}
+template <typename T>
+struct Pair;
+template <>
+struct Pair<int> {
+int get() { return helper(1); }
+};
+inline int unused(int v) { return v; }
+#define STEPS 8
+#endif  // LAYER_GUARD
+"""
+
+
+def test_prune_keeps_what_the_body_uses_each_declaration_guarded():
+    pruned = source.prune(PRUNE_LAYER, "Pair<int> p;\nout[0] = p.get();\n")
+    assert pruned == (
+        "#ifndef QMM_HAS_helper\n#define QMM_HAS_helper\n"
+        "inline int helper(int v) {\nreturn v + 1;\n}\n#endif\n"
+        "#ifndef QMM_HAS_Pair\n#define QMM_HAS_Pair\n"
+        "template <typename T>\nstruct Pair;\n"
+        "template <>\nstruct Pair<int> {\nint get() { return helper(1); }\n};\n#endif\n"
+        "#define STEPS 8\n"
+    )
+    # nothing used: only the other preprocessor lines remain
+    assert source.prune(PRUNE_LAYER, "out[0] = 0;\n") == "#define STEPS 8\n"
+    assert "unused" in source.prune(PRUNE_LAYER, "out[0] = unused(2);\n")
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    ("inline int f() {\nreturn 1;\n", "unterminated declaration"),
+    ("inline int f() {\n}\n}\n", "unbalanced braces"),
+])
+def test_prune_refuses_a_layer_it_cannot_split(layer, message):
+    with pytest.raises(ValueError, match=message):
+        source.prune(layer, "f();")
+
+
+def test_decode_kernel_carries_a_third_of_the_layer():
+    # The kernel launched ~200 times a generated token: MLX copies and hashes
+    # its whole source per launch, so it carries only the parts it calls.
+    for language in ("cuda", "metal"):
+        full = len(source.compact(source.DIALECTS[language].layer()))
+        src = tiled.generate(DecodeConfig(), bits=4, group_size=64, language=language)
+        assert len(src.header) < full / 3, (language, len(src.header), full)
+        assert "QmmWide" not in src.header and "qmm_warp_sum" in src.header
+
+
 @pytest.mark.parametrize(
     ("config", "M", "N", "grid", "threadgroup"),
     [

@@ -82,21 +82,39 @@ def test_every_generated_metal_kernel_parses():
 
 
 @needs_libclang
+@pytest.mark.parametrize("kind", sorted({type(c).__name__ for c in CONFIGS}))
+def test_each_kind_of_kernel_parses_with_only_its_part_of_the_layer(kind):
+    # The shared translation unit above would hide a declaration a kernel's
+    # pruned header lacks (another unit's copy would serve), so each kind alone.
+    config = next(c for c in CONFIGS if type(c).__name__ == kind)
+    src = generate(config, bits=4, group_size=64, language="metal")
+    units = [metal.translation_unit(src, dtype=dtype, template=_template(config, dtype, tokens))
+             for dtype in ("float16", "bfloat16") for tokens in _tokens(config)]
+    for unit in units:
+        errors = metal_check.check([unit])
+        assert not errors, "\n".join(str(e) for e in errors[:10])
+
+
+@needs_libclang
 @pytest.mark.parametrize(
-    ("old", "new", "expected"),
+    ("kernel", "old", "new", "expected"),
     [
         # a threadgroup tile read through a device pointer
-        ("const threadgroup T* p = xs", "const device T* p = xs", "cannot initialize"),
+        ("tiled:64x64:wm2wn2", "const threadgroup T* p = xs", "const device T* p = xs",
+         "cannot initialize"),
         # simdgroup matrices of two element types in one multiply
-        ("simdgroup_matrix<float, 8, 8> b[TN];", "simdgroup_matrix<half, 8, 8> b[TN];",
+        ("tiled:64x64:wm2wn2", "simdgroup_matrix<float, 8, 8> b[TN];",
+         "simdgroup_matrix<half, 8, 8> b[TN];",
          "no matching function for call to 'simdgroup_multiply_accumulate'"),
         # a bit cast between types of different sizes
-        ("as_type<ushort>(static_cast<T>(a))", "as_type<ushort>(a)", "sizes differ"),
-        ("return v[i];", "return v[i] + lane;", "use of undeclared identifier 'lane'"),
+        ("tiled:64x64:wm2wn2", "as_type<ushort>(static_cast<T>(a))", "as_type<ushort>(a)",
+         "sizes differ"),
+        ("tiled:decode", "return v[i];", "return v[i] + lane;",
+         "use of undeclared identifier 'lane'"),
     ],
 )
-def test_the_metal_check_catches_errors(old, new, expected):
-    src = generate(parse_name("tiled:64x64:wm2wn2"), bits=4, group_size=64, language="metal")
+def test_the_metal_check_catches_errors(kernel, old, new, expected):
+    src = generate(parse_name(kernel), bits=4, group_size=64, language="metal")
     assert old in src.header
     broken = dataclasses.replace(src, header=src.header.replace(old, new))
     errors = metal_check.check([metal.translation_unit(broken, dtype="bfloat16")])
@@ -110,8 +128,9 @@ def test_metal_translation_unit_matches_mlx_wrapping():
             "_bfloat16_t")
     assert f"template <typename T, int MR>\n[[kernel]] void {name}(" in text
     assert ("  const device bfloat16_t* x [[buffer(0)]],\n"
-            "  const constant int* x_shape [[buffer(1)]]") in text
-    assert "  device bfloat16_t* out [[buffer(6)]],\n  uint simdgroup_index_in_threadgroup" in text
+            "  const constant int* x_shape [[buffer(1)]],\n"
+            "  const constant int& x_ndim [[buffer(2)]],\n") in text
+    assert "  device bfloat16_t* out [[buffer(7)]],\n  uint simdgroup_index_in_threadgroup" in text
     assert text.rstrip().endswith(
         f'template [[host_name("{name}")]] [[kernel]] decltype({name}<bfloat16_t, 4>) '
         f"{name}<bfloat16_t, 4>;")
@@ -183,7 +202,8 @@ def test_cuda_translation_unit_matches_mlx_wrapping():
     text = cuda.translation_unit(src, dtype="float16", template=[("T", "float16"), ("MR", 2)])
     name = f"custom_kernel_{src.name}_float16_t_2"
     assert (f"__global__ void {name}(\n    const __half* x,\n"
-            "    const __grid_constant__ Shape x_shape,\n    const uint32_t* w,\n") in text
+            "    const __grid_constant__ Shape x_shape,\n    const __grid_constant__ int x_ndim,\n"
+            "    const uint32_t* w,\n") in text
     assert "    __half* out) {\n  using T = __half;\n  constexpr int MR = 2;\n" in text
     assert text.rstrip().endswith("} // namespace mlx::core::cu")
 

@@ -5,8 +5,9 @@
 // std::barrier over the block, and every warp-collective operation (shuffle,
 // ldmatrix, mma.sync) is an exchange through per-warp scratch between two
 // barriers over the warp. ldmatrix and mma.sync m16n8k16 follow the fragment
-// layouts of the PTX ISA; defining QMMPERF_CUDA_QMM_PTX here makes the
-// generated source skip its inline-PTX versions of them.
+// layouts of the PTX ISA; defining QMM_HAS_<name> for each of them here makes
+// the generated source (each declaration guarded so, tiled.source.prune) skip
+// its inline-PTX versions.
 //
 // Compile as C++20 with g++ (needs _Float16): g++ -std=c++20 -O1 -pthread, with
 // cpu_grid.h (the block/warp machinery shared with the Metal emulation) beside it.
@@ -116,7 +117,11 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 
 // --- the PTX instructions of qmm_ptx.cuh -------------------------------------
 
-#define QMMPERF_CUDA_QMM_PTX
+#define QMM_HAS_qmm_smem_addr
+#define QMM_HAS_qmm_ldmatrix_x4
+#define QMM_HAS_qmm_ldmatrix_x2
+#define QMM_HAS_qmm_hfma2
+#define QMM_HAS_QmmMma
 
 // ldmatrix .m8n8 .b16: lane l supplies row l % 8 of matrix l / 8 and receives,
 // from each matrix, row l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1.

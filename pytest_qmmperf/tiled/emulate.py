@@ -115,6 +115,8 @@ def _call_args(src: KernelSource, ctype: str, out_ctype: str) -> list[str]:
         args.append(cast)
         if name + "_shape" in src.body:
             args.append(f"{name}_shape")
+        if name + "_ndim" in src.body:
+            args.append(f"{name}_ndim")
     args.append(f"({out_ctype}*)out.data()")
     return args
 
@@ -160,7 +162,10 @@ def translation_unit(kernels: Sequence[EmulatedKernel], language: str) -> str:
             f"  case {i}: {{\n"
             f"    out.assign({count} * {_element_size(k)}, '\\0');\n"
             f"    {shape_type} x_shape{{}}, w_shape{{}};\n"
-            f"    x_shape[0] = M; x_shape[1] = K; w_shape[0] = N; w_shape[1] = K * {k.bits} / 32;\n"
+            # x as a decode step passes it, (1, M, K): the kernels take its leading dims as rows
+            f"    int x_ndim = 3;\n"
+            f"    x_shape[0] = 1; x_shape[1] = M; x_shape[2] = K;\n"
+            f"    w_shape[0] = N; w_shape[1] = K * {k.bits} / 32;\n"
             f"    {call}\n    break;\n  }}"
         )
     parts.append(_MAIN.replace("@CASES@", "\n".join(cases)))

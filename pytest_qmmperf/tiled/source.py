@@ -19,6 +19,7 @@ compiled kernel serves every problem size.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -52,7 +53,10 @@ class Dialect:
     tg: str  # pointer qualifier for threadgroup/shared memory, with its space
     dev: str  # pointer qualifier for device memory, with its space
     barrier: str
-    prologue: str  # defines tid, lane, warp, bx, by (block indices), M, N, K
+    #: Defines tid, lane, warp, bx, by (block indices), M, N, K.  x is (..., K):
+    #: its leading dimensions together are the M rows, so a decode step's
+    #: (1, 1, K) needs no reshape op before the launch.
+    prologue: str
     layer_files: tuple[str, ...]  # the layer's headers, relative to the package
 
     def layer(self) -> str:
@@ -71,8 +75,10 @@ METAL = Dialect(
   const uint warp = simdgroup_index_in_threadgroup;
   const int bx = int(threadgroup_position_in_grid.x);
   const int by = int(threadgroup_position_in_grid.y);
-  const int M = x_shape[0];
-  const int K = x_shape[1];
+  int rows_of_x = 1;
+  for (int d = 0; d + 1 < x_ndim; ++d) rows_of_x *= x_shape[d];
+  const int M = rows_of_x;
+  const int K = x_shape[x_ndim - 1];
   const int N = w_shape[0];
 """,
     layer_files=("metal/qmm_layer.h",),
@@ -90,8 +96,10 @@ CUDA = Dialect(
   const unsigned warp = tid / 32u;
   const int bx = static_cast<int>(blockIdx.x);
   const int by = static_cast<int>(blockIdx.y);
-  const int M = x_shape[0];
-  const int K = x_shape[1];
+  int rows_of_x = 1;
+  for (int d = 0; d + 1 < x_ndim; ++d) rows_of_x *= x_shape[d];
+  const int M = rows_of_x;
+  const int K = x_shape[x_ndim - 1];
   const int N = w_shape[0];
 """,
     layer_files=("cuda/qmm_ptx.cuh", "cuda/qmm_layer.cuh"),
@@ -782,6 +790,75 @@ def compact(text: str) -> str:
     return "\n".join(line for line in kept if line and not line.startswith("//")) + "\n"
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_DECLARED = re.compile(r"\bstruct\s+(\w+)|(\w+)\s*\(")
+
+
+def prune(header: str, body: str) -> str:
+    """The top-level declarations of ``header`` that ``body`` uses, directly or not.
+
+    ``header`` is a compacted layer: preprocessor lines and declarations
+    (functions and structs, each with its ``template`` line).  Each kernel
+    uses a part of the layer, and MLX copies and hashes a kernel's whole
+    source on every launch (:func:`compact`), so the decode kernel, the one
+    launched ~200 times a generated token, carries only what it calls.
+
+    The layer files' include guards are dropped and each declaration (with
+    its specializations) gets a guard of its own, ``QMM_HAS_<name>``, so
+    that units with different parts of the layer still make one translation
+    unit for the checks (the Metal syntax check, nvcc, the CPU emulation);
+    other preprocessor lines are kept.  Raises ``ValueError`` on unbalanced
+    braces, so a layer this cannot split fails loudly, not with a missing
+    declaration.
+    """
+    items: list[tuple[str | None, str]] = []
+    current: list[str] = []
+    guards: set[str] = set()
+    depth = 0
+    for line in header.splitlines():
+        if depth == 0 and not current and line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            if word == "#ifndef":
+                guards.add(rest.strip())
+            elif word != "#endif" and not (word == "#define" and rest.strip() in guards):
+                items.append((None, line))
+            continue
+        current.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth < 0:
+            raise ValueError(f"unbalanced braces in the kernel layer at {line!r}")
+        if depth == 0 and line.endswith(("}", ";")):
+            text = "\n".join(current)
+            head = next(x for x in current if not x.startswith("template"))
+            found = _DECLARED.search(head)
+            if found is None:
+                raise ValueError(f"no declared name in the kernel layer's {head!r}")
+            items.append((found.group(1) or found.group(2), text))
+            current = []
+    if current:
+        raise ValueError(f"unterminated declaration in the kernel layer: {current[0]!r}")
+    declared = {name for name, _ in items if name is not None}
+    wanted = set(_IDENTIFIER.findall(body)) & declared
+    pending = list(wanted)
+    while pending:
+        name = pending.pop()
+        for item, text in items:
+            if item == name:
+                for used in set(_IDENTIFIER.findall(text)) & declared - wanted:
+                    wanted.add(used)
+                    pending.append(used)
+    out: list[str] = []
+    for i, (name, text) in enumerate(items):
+        if name is None:
+            out.append(text)
+        elif name in wanted:
+            first = i == 0 or items[i - 1][0] != name
+            last = i + 1 == len(items) or items[i + 1][0] != name
+            out.append((f"#ifndef QMM_HAS_{name}\n#define QMM_HAS_{name}\n" if first else "")
+                       + text + ("\n#endif" if last else ""))
+    return "\n".join(out) + "\n"
+
+
 def _name(stem: str, header: str, body: str) -> str:
     digest = hashlib.sha1((header + "\0" + body).encode()).hexdigest()[:10]
     return f"{stem}_{digest}"
@@ -830,6 +907,7 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
     else:
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
+    header = prune(header, body)
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
         threads=config.threads, output_dtype="float32" if output_planes(config) > 1 else None,

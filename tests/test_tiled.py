@@ -47,6 +47,7 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:wide:w4r1m16:k4", WideConfig(4, 1, 16, splits=4)),
         ("tiled:wide:w4r2m32:k2:d0", WideConfig(4, 2, 32, splits=2, decode_max_m=0)),
         ("tiled:wide:w8r2m64:g512", WideConfig(8, 2, 64, gemm_min_m=512)),
+        ("tiled:wide:w8r2m64:g512:q1", WideConfig(8, 2, 64, gemm_min_m=512, mlx_max_m=1)),
         ("tiled:dequant", DequantConfig()),
     ],
 )
@@ -137,6 +138,7 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w4r2m32:k17", "splits=17 exceeds 16 blocks per output tile"),
         ("tiled:wide:w0r2m32", "warps=0 must be a positive integer"),
         ("tiled:wide:w8r2m64:g16", "gemm_min_m=16 must exceed decode_max_m=16 (or be 0)"),
+        ("tiled:wide:w8r2m64:g512:q512", "mlx_max_m=512 must be under gemm_min_m=512"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -172,6 +174,7 @@ def test_presets_are_the_seed_rows_and_listed():
         "tiled:32x32:wm2wn2", "tiled:64x64:wm2wn2", "tiled:160x32:wm4wn1",
         "tiled:160x32:wm2wn2", "tiled:192x32:wm4wn1", "tiled:256x32:wm4wn1", "tiled:decode",
         "tiled:skinny", "tiled:wide:w8r2m64", "tiled:wide:w8r2m64:g512",
+        "tiled:wide:w8r2m64:g512:q1",
     )
     names = variant_names()
     for preset in tiled.PRESETS:
@@ -446,6 +449,28 @@ def test_small_m_goes_to_the_decode_then_the_skinny_kernel():
     assert gemm.kernel_for(511) == WideConfig(8, 2, 64, gemm_min_m=512)
     assert gemm.kernel_for(512) == gemm.kernel_for(10049) == DequantConfig()
     assert isinstance(gemm.kernel_for(1), DecodeConfig)
+    # :q1: M = 1 to mx.quantized_matmul, the rest as before
+    mlx1 = variant.TiledQmm(WideConfig(8, 2, 64, gemm_min_m=512, mlx_max_m=1))
+    assert mlx1.kernel_for(1) is None
+    assert isinstance(mlx1.kernel_for(2), SkinnyConfig)
+    assert mlx1.kernel_for(512) == DequantConfig()
+
+
+def test_small_m_through_mlx_is_mlx_quantized_matmul_exactly():
+    # Runs anywhere, the CPU included: no custom kernel is involved up to mlx_max_m.
+    fn = get_variant("tiled:wide:w8r2m64:g512:q1").fn
+    spec = QmmSpec(M=1, N=96, K=128, dtype="float16")
+    inp = make_inputs(spec, seed=3)
+    for x in (inp.x, inp.x[None]):  # (1, K) and a decode step's (1, 1, K)
+        got = fn(x, inp.w, inp.scales, inp.biases, transpose=True, group_size=64, bits=4)
+        want = mx.quantized_matmul(x, inp.w, inp.scales, inp.biases, transpose=True,
+                                   group_size=64, bits=4)
+        assert got.shape == want.shape
+        assert mx.array_equal(got, want).item()
+    two = QmmSpec(M=2, N=96, K=128, dtype="float16")
+    inp2 = make_inputs(two, seed=3)
+    with pytest.raises(RuntimeError, match="needs Metal or CUDA"):  # M = 2: a custom kernel
+        fn(inp2.x, inp2.w, inp2.scales, inp2.biases, transpose=True, group_size=64, bits=4)
 
 
 def test_packing_matches_mx_quantize():

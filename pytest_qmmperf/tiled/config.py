@@ -418,7 +418,8 @@ class WideConfig:
     layout, for tens to thousands of tokens. ``splits`` splits K over that
     many blocks (float32 partial sums added in order, as for a tile);
     ``decode_max_m`` as for a tile; ``gemm_min_m`` hands M from there on to
-    :class:`DequantConfig`'s kernel and MLX's dense matmul.
+    :class:`DequantConfig`'s kernel and MLX's dense matmul; ``mlx_max_m``
+    hands M up to it to ``mx.quantized_matmul``.
     """
 
     warps: int = 4
@@ -429,6 +430,12 @@ class WideConfig:
     #: From this M on, the weights are dequantized by the family's dequant kernel
     #: and multiplied by MLX's dense matmul (``g`` in the name); 0: never.
     gemm_min_m: int = 0
+    #: Up to this M, MLX's own ``mx.quantized_matmul`` runs instead (``q`` in
+    #: the name); 0: never.  A custom kernel costs MLX's host ~16 us more per
+    #: launch than a built-in one (PERFORMANCE.md 6n), which decides a decode
+    #: step of ~200 launches whenever the host bounds it, however fast the
+    #: kernel.
+    mlx_max_m: int = 0
 
     def __post_init__(self) -> None:
         name = self.name
@@ -438,6 +445,11 @@ class WideConfig:
         _check_warps(name, self.warps)
         _non_negative(name, "decode_max_m", self.decode_max_m)
         _non_negative(name, "gemm_min_m", self.gemm_min_m)
+        _non_negative(name, "mlx_max_m", self.mlx_max_m)
+        if 0 < self.gemm_min_m <= self.mlx_max_m:
+            raise TileError(
+                f"{name}: mlx_max_m={self.mlx_max_m} must be under gemm_min_m={self.gemm_min_m}"
+            )
         if 0 < self.gemm_min_m <= self.decode_max_m:
             raise TileError(
                 f"{name}: gemm_min_m={self.gemm_min_m} must exceed decode_max_m="
@@ -502,12 +514,15 @@ class WideConfig:
             name += f":d{self.decode_max_m}"
         if self.gemm_min_m:
             name += f":g{self.gemm_min_m}"
+        if self.mlx_max_m:
+            name += f":q{self.mlx_max_m}"
         return name
 
     def params(self) -> dict[str, Any]:
         return {"kernel": "wide", "warps": self.warps, "rows": self.rows,
                 "tokens": self.tokens, "splits": self.splits,
                 "decode_max_m": self.decode_max_m, "gemm_min_m": self.gemm_min_m,
+                "mlx_max_m": self.mlx_max_m,
                 "threads": self.threads, "shared_bytes": self.shared_bytes}
 
 
@@ -551,14 +566,16 @@ _TILE_RE = re.compile(
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
 _WIDE_RE = re.compile(
-    r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?(?::g(?P<g>\d+))?$"
+    r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?(?::g(?P<g>\d+))?"
+    r"(?::q(?P<q>\d+))?$"
 )
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
     f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]] "
-    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM][:gMINM] or {FAMILY}:dequant"
+    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM][:gMINM][:qMAXM] "
+    f"or {FAMILY}:dequant"
 )
 
 
@@ -589,7 +606,7 @@ def parse_name(name: str) -> KernelConfig:
         return WideConfig(
             warps=int(m["w"]), rows=int(m["r"]), tokens=int(m["m"]), splits=int(m["k"] or 1),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
-            gemm_min_m=int(m["g"] or 0),
+            gemm_min_m=int(m["g"] or 0), mlx_max_m=int(m["q"] or 0),
         )
     if rest == "dequant":
         return DequantConfig()
@@ -607,8 +624,10 @@ def parse_name(name: str) -> KernelConfig:
 #: split of the retile (their SIMD-group tiles are 48x32 and 64x32), so the
 #: rows differ only in BM. Then the small-M kernels alone, the wide
 #: kernel's configuration that was fastest from 512 tokens on on the H100
-#: (docs/PERFORMANCE.md, section 6k), and the same with the dequant kernel and
-#: MLX's dense matmul from 512 tokens on (section 6m).
+#: (docs/PERFORMANCE.md, section 6k), the same with the dequant kernel and
+#: MLX's dense matmul from 512 tokens on (section 6m), and that with a single
+#: token left to ``mx.quantized_matmul`` (section 6n: where generation is
+#: bound by the host, MLX's launch of its own kernel costs it less).
 PRESETS: tuple[str, ...] = (
     f"{FAMILY}:32x32:wm2wn2",
     f"{FAMILY}:64x64:wm2wn2",
@@ -620,6 +639,7 @@ PRESETS: tuple[str, ...] = (
     f"{FAMILY}:skinny",
     f"{FAMILY}:wide:w8r2m64",
     f"{FAMILY}:wide:w8r2m64:g512",
+    f"{FAMILY}:wide:w8r2m64:g512:q1",
 )
 
 

@@ -93,7 +93,8 @@ class TiledQmm:
     ``decode_max_m`` to the skinny kernel, larger M to the tile or wide
     kernel, and for a wide configuration with ``gemm_min_m`` M from there on
     to the dequant kernel followed by MLX's dense matmul (as the ``hybrid``
-    variant does with ``mx.dequantize``).
+    variant does with ``mx.dequantize``); with ``mlx_max_m``, M up to it to
+    MLX's own ``mx.quantized_matmul``.
     """
 
     def __init__(self, config: KernelConfig, decode: DecodeConfig | None = None,
@@ -106,8 +107,10 @@ class TiledQmm:
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
 
-    def kernel_for(self, M: int) -> KernelConfig:
-        """The configuration that runs M rows."""
+    def kernel_for(self, M: int) -> KernelConfig | None:
+        """The configuration that runs M rows; ``None``: MLX's ``quantized_matmul`` does."""
+        if isinstance(self.config, WideConfig) and M <= self.config.mlx_max_m:
+            return None
         if not isinstance(self.config, (TileConfig, WideConfig)):
             return self.config
         if isinstance(self.config, WideConfig) and 0 < self.config.gemm_min_m <= M:
@@ -140,6 +143,8 @@ class TiledQmm:
         # rows (MLX makes it row-contiguous) and the output is declared in x's
         # leading shape, so a decode step's (1, 1, K) costs no reshape ops.
         kern, launch, partial, matmul = plan
+        if kern is None:  # M <= mlx_max_m: MLX's own kernel, launched at its host cost
+            return matmul(x, w, scales, biases, **launch)
         out = kern(inputs=[x, w, scales, biases], **launch)[0]
         if matmul is not None:
             # The dequant kernel wrote the dense (N, K) weight; MLX's matmul does the rest.
@@ -176,10 +181,13 @@ class TiledQmm:
             reason = f"biases are {tuple(biases.shape)}: expected {tuple(scales.shape)}"  # type: ignore[union-attr]
         if reason is not None:
             raise TileError(f"{name}: {reason}")
+        config = self.kernel_for(M)
+        if config is None:  # needs no custom kernel, so no GPU backend either
+            return None, {"transpose": True, "group_size": group_size, "bits": bits,
+                          "mode": mode}, False, mx.quantized_matmul
         language = backend()
         if language is None:
             raise RuntimeError(f"{name}: {available()}")
-        config = self.kernel_for(M)
         src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]
@@ -215,6 +223,8 @@ def describe(config: KernelConfig) -> str:
     if isinstance(config, WideConfig):
         gemm = (f", dequant kernel + dense matmul from M = {config.gemm_min_m}"
                 if config.gemm_min_m else "")
+        if config.mlx_max_m:
+            gemm += f", mx.quantized_matmul up to M = {config.mlx_max_m}"
         return (f"{FAMILY} wide kernel: {config.rows_per_block} weight rows x {config.tokens} "
                 f"tokens a block, weights dequantized in registers, x staged in threadgroup "
                 f"memory{split}, decode/skinny kernels for M <= {config.decode_max_m}{gemm}; "

@@ -20,7 +20,8 @@ With ``--variants A,B,...`` the conditions are variants instead: each
 round re-routes the model's quantized layers to the next variant (same
 weights, ``PrefillRunner.set_variant``) and measures a ``default`` round,
 so two variants' generation speeds are compared under the same drift of
-the host (section 3b: gen tok/s moves with it).
+the host (section 3b: gen tok/s moves with it); the order of the variants
+reverses every other round.
 
 Reports each round's TTFT and gen tok/s and, per condition, the spread
 ``(max - min) / median`` over its rounds.  Writes ``decode_spread.json``
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         cold[v] = runner.warmup()
     rows: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        for cond in conditions:
+        # variants alternate their order (A B C, C B A, ...): no variant always runs first
+        order = conditions[::-1] if variants and r % 2 else conditions
+        for cond in order:
             ctx = (pinned(cores) if cond == "pinned" else buffer_cache_kept()
                    if cond == "keep-cache" else contextlib.nullcontext())
             if variants:

@@ -15,7 +15,9 @@ decode steps three ways:
 * ``step``: from the start until the logits are computed.
 
 Variants are interleaved (``--reps`` repetitions of ``--steps`` steps each,
-medians), so the host's drift (3b) hits them alike.  A cProfile of
+medians), so the host's drift (3b) hits them alike; ``step / first`` is the
+median over repetitions of a variant's step time over the first variant's
+in the same repetition.  A cProfile of
 ``--steps`` steps per variant follows (the top functions by own time).
 Writes ``decode_step.json`` under ``--out``.
 """
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for v in variants:
         build, dispatch, step = (statistics.median(s[i] for s in samples[v]) for i in range(3))
+        # paired: each repetition's step against the first variant's in the same repetition
+        ratio = statistics.median(s[2] / b[2] for s, b in
+                                  zip(samples[v], samples[variants[0]], strict=True))
         rows.append({"variant": v, "build_ms": build * 1e3, "dispatch_ms": dispatch * 1e3,
-                     "step_ms": step * 1e3})
+                     "step_ms": step * 1e3, "step_ratio": ratio})
     profiles = {}
     for v in variants:
         runner.set_variant(v)
@@ -111,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "decode_step.json").write_text(json.dumps(report, indent=1))
     for v in variants:
         print(f"===== {v}\n{profiles[v][-2500:]}")
-    print(f"{'variant':32s} {'build ms':>9s} {'dispatch ms':>12s} {'step ms':>8s}")
+    print(f"{'variant':32s} {'build ms':>9s} {'dispatch ms':>12s} {'step ms':>8s} "
+          f"{'step / first':>12s}")
     for row in rows:
         print(f"{row['variant']:32s} {row['build_ms']:9.2f} {row['dispatch_ms']:12.2f} "
-              f"{row['step_ms']:8.2f}")
+              f"{row['step_ms']:8.2f} {row['step_ratio']:12.3f}")
     return 0
 
 

@@ -103,6 +103,12 @@ class TiledQmm:
         self.decode = decode or DecodeConfig()
         self.skinny = skinny or SkinnyConfig()
         self._plans: dict[tuple[Any, ...], tuple[Any, dict[str, Any], bool, Any]] = {}
+        #: M up to this goes straight to mx.quantized_matmul (``:qN``), before any planning.
+        self._mlx_max_m = config.mlx_max_m if isinstance(config, WideConfig) else 0
+        if self._mlx_max_m:
+            import mlx.core as mx
+
+            self._quantized_matmul = mx.quantized_matmul
 
     def __repr__(self) -> str:
         return f"TiledQmm({self.config.name})"
@@ -129,6 +135,11 @@ class TiledQmm:
     def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                  transpose: bool = True, group_size: int = 64, bits: int = 4,
                  mode: str = "affine") -> mx.array:
+        if self._mlx_max_m and x.size <= self._mlx_max_m * x.shape[-1]:
+            # :qN: MLX's own kernel, as cheaply as the `mlx` variant calls it (a
+            # decode step is host-bound); MLX validates these inputs itself.
+            return self._quantized_matmul(x, w, scales, biases, transpose=transpose,
+                                          group_size=group_size, bits=bits, mode=mode)
         # Hot path: one dict lookup per call. Everything derived from the
         # shapes (validation, kernel, launch geometry) is planned once per
         # distinct problem; the wrapper otherwise costs more than MLX's own
@@ -143,8 +154,6 @@ class TiledQmm:
         # rows (MLX makes it row-contiguous) and the output is declared in x's
         # leading shape, so a decode step's (1, 1, K) costs no reshape ops.
         kern, launch, partial, matmul = plan
-        if kern is None:  # M <= mlx_max_m: MLX's own kernel, launched at its host cost
-            return matmul(x, w, scales, biases, **launch)
         out = kern(inputs=[x, w, scales, biases], **launch)[0]
         if matmul is not None:
             # The dequant kernel wrote the dense (N, K) weight; MLX's matmul does the rest.
@@ -181,13 +190,11 @@ class TiledQmm:
             reason = f"biases are {tuple(biases.shape)}: expected {tuple(scales.shape)}"  # type: ignore[union-attr]
         if reason is not None:
             raise TileError(f"{name}: {reason}")
-        config = self.kernel_for(M)
-        if config is None:  # needs no custom kernel, so no GPU backend either
-            return None, {"transpose": True, "group_size": group_size, "bits": bits,
-                          "mode": mode}, False, mx.quantized_matmul
         language = backend()
         if language is None:
             raise RuntimeError(f"{name}: {available()}")
+        config = self.kernel_for(M)
+        assert config is not None, "M <= mlx_max_m is routed in __call__, before planning"
         src, kern = kernel(config, bits=bits, group_size=group_size, language=language)
         grid, threadgroup = geometry(config, M, N)
         template: list[tuple[str, Any]] = [("T", x.dtype), *template_args(config, M)]

@@ -126,6 +126,15 @@ def _check_splits(name: str, splits: Any) -> None:
         raise TileError(f"{name}: splits={splits} exceeds {MAX_TILE_SPLITS} blocks per output tile")
 
 
+def _check_block_registers(name: str, threads: int, registers: int, remedy: str) -> None:
+    """A CUDA launch is refused when a block's threads need more than its registers."""
+    if threads * registers > REGISTERS_PER_BLOCK:
+        raise TileError(
+            f"{name}: {threads} threads x about {registers} registers each exceed the "
+            f"{REGISTERS_PER_BLOCK} registers of a CUDA block (refused at launch); {remedy}"
+        )
+
+
 def _check_warps(name: str, warps: int) -> None:
     if SIMD * warps > MAX_THREADS:
         raise TileError(
@@ -226,12 +235,7 @@ class SkinnyConfig:
                 f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
                 "(register budget: each holds its packed weights and accumulators)"
             )
-        if self.threads * self.registers > REGISTERS_PER_BLOCK:
-            raise TileError(
-                f"{name}: {self.threads} threads x about {self.registers} registers each exceed "
-                f"the {REGISTERS_PER_BLOCK} registers of a CUDA block (refused at launch); use "
-                "fewer warps or rows"
-            )
+        _check_block_registers(name, self.threads, self.registers, "use fewer warps or rows")
         if self.shared_bytes > TG_MEMORY_LIMIT:
             raise TileError(
                 f"{name}: needs {self.shared_bytes} bytes of threadgroup memory (warps x rows x "
@@ -327,13 +331,9 @@ class TileConfig:
                 f"((BM+BN) x (BK+{PAD}) halves), over the {TG_MEMORY_LIMIT}-byte limit of "
                 "Apple GPUs"
             )
-        if self.threads * (self.live_registers + REGISTER_OVERHEAD) > REGISTERS_PER_BLOCK:
-            raise TileError(
-                f"{name}: {self.threads} threads x about {self.live_registers + REGISTER_OVERHEAD} "
-                f"registers each exceed the {REGISTERS_PER_BLOCK} registers of a CUDA block "
-                "(refused at launch); use at most 256 threads (WM x WN <= 8) or a smaller "
-                "SIMD-group tile"
-            )
+        _check_block_registers(
+            name, self.threads, self.live_registers + REGISTER_OVERHEAD,
+            "use at most 256 threads (WM x WN <= 8) or a smaller SIMD-group tile")
         if self.live_registers > MAX_LIVE_REGISTERS:
             raise TileError(
                 f"{name}: a thread keeps {self.live_registers} registers live across the K loop "
@@ -472,12 +472,8 @@ class WideConfig:
                 f"activations), over {MAX_WIDE_LIVE_REGISTERS}: they would spill; use fewer rows "
                 "or tokens, or more warps"
             )
-        if self.threads * (self.live_registers + REGISTER_OVERHEAD) > REGISTERS_PER_BLOCK:
-            raise TileError(
-                f"{name}: {self.threads} threads x about {self.live_registers + REGISTER_OVERHEAD} "
-                f"registers each exceed the {REGISTERS_PER_BLOCK} registers of a CUDA block "
-                "(refused at launch); use fewer warps"
-            )
+        _check_block_registers(name, self.threads, self.live_registers + REGISTER_OVERHEAD,
+                               "use fewer warps")
 
     @property
     def threads(self) -> int:

@@ -121,7 +121,13 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_ldmatrix_x4
 #define QMM_HAS_qmm_ldmatrix_x2
 #define QMM_HAS_qmm_hfma2
+#define QMM_HAS_qmm_load_w
+#define QMM_HAS_qmm_load_w_line
 #define QMM_HAS_QmmMma
+
+// ld.global.nc with cache hints: plain loads.
+inline uint4 qmm_load_w(const uint4* p) { return *p; }
+inline uint4 qmm_load_w_line(const uint4* p) { return *p; }
 
 // ldmatrix .m8n8 .b16: lane l supplies row l % 8 of matrix l / 8 and receives,
 // from each matrix, row l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1.

@@ -271,7 +271,8 @@ _DECODE_LOAD = """\
     if (n0 + r < N && $k + u * SPAN < K) {
       const size_t row = size_t(n0 + r);
       const size_t g = row * size_t(G) + size_t(($k + u * SPAN) / GS);
-      $w[r][u] = *((const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)));
+      $w[r][u] = qmm_load_w(
+          (const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)));
       $s[r][u] = float(scales[g]);
       $b[r][u] = float(biases[g]);
     }"""
@@ -565,7 +566,8 @@ _FRAG_WEIGHTS = """\
         for (int i = 0; i < CW; i += 4) {
           uint4 v = qmm_zero4();
           if (live) {
-            v = *((const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
+            v = $load_w(
+                (const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
           }
           $w[f][h][i] = qmm_word(v, 0);
           $w[f][h][i + 1] = qmm_word(v, 1);
@@ -771,12 +773,13 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
     if template is _WIDE_BODY:
         snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev, weights=_indent_free(
             weights.substitute(dev=dialect.dev, frag="wd.frag", n="nw", k="kl", w="wn", s="sn",
-                               b="bn")))
+                               b="bn", load_w="qmm_load_w")))
         values = {**values, "stage": _indent_free(
             Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
     if template is _SKINNY_BODY:
         values = {**values, "weights": _indent_free(weights.substitute(
-            dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv"))}
+            dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv",
+            load_w="qmm_load_w_line"))}
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")

@@ -14,7 +14,12 @@ machine hits them alike:
   round's allocations are served from buffers freed by the last round;
 * ``pinned``: every thread of the process pinned to ``--cores`` for the
   round (Linux ``sched_setaffinity``), so the host side of generation, which
-  dispatches each of a decode step's kernels, stays on the same cores.
+  dispatches each of a decode step's kernels, stays on the same cores;
+* ``contended`` (only when named in ``--conditions``): pinned as above,
+  with a busy-looping process pinned to the same cores for the round, so
+  the host builds and dispatches at a fraction of its speed while the GPU
+  is unchanged.  Comparing it with ``pinned`` shows how much a variant's
+  TTFT and gen tok/s depend on the host.
 
 With ``--variants A,B,...`` the conditions are variants instead: each
 round re-routes the model's quantized layers to the next variant (same
@@ -36,6 +41,7 @@ import datetime as dt
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -48,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import spread_pct  # noqa: E402  (the same run-to-run spread)
 
 CONDITIONS = ("default", "keep-cache", "pinned")
+ALL_CONDITIONS = (*CONDITIONS, "contended")
 
 
 @contextlib.contextmanager
@@ -64,6 +71,21 @@ def pinned(cores: set[int]) -> Iterator[None]:
         for t, mask in before.items():
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(t, mask)
+
+
+@contextlib.contextmanager
+def contended(cores: set[int]) -> Iterator[None]:
+    """Pinned to ``cores``, sharing them with a busy-looping process for the duration."""
+    burner = subprocess.Popen([
+        sys.executable, "-c",
+        f"import os\nos.sched_setaffinity(0, {sorted(cores)!r})\nwhile True:\n    pass",
+    ])
+    try:
+        with pinned(cores):
+            yield
+    finally:
+        burner.kill()
+        burner.wait()
 
 
 @contextlib.contextmanager
@@ -86,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="mlx")
     parser.add_argument("--variants", default="",
                         help="comma-separated variants to interleave (instead of the conditions)")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS),
+                        help=f"comma-separated, of {', '.join(ALL_CONDITIONS)} "
+                             "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=8, help="rounds per condition")
     parser.add_argument("--cores", default="0-3", help="cores for the pinned condition")
     parser.add_argument("--out", type=Path, default=Path("decode_spread_out"))
@@ -107,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
     variants = [v for v in args.variants.split(",") if v]
-    conditions = variants or list(CONDITIONS)
+    named = [c for c in args.conditions.split(",") if c]
+    unknown = sorted(set(named) - set(ALL_CONDITIONS))
+    if unknown or not named:
+        parser.error(f"--conditions {args.conditions!r}: accepted are "
+                     f"{', '.join(ALL_CONDITIONS)}, comma-separated")
+    conditions = variants or named
     first = variants[0] if variants else args.variant
     spec = PrefillSpec(model=args.model, prompt_tokens=args.prompt_tokens,
                        gen_tokens=args.gen_tokens, variant=first)
@@ -122,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         # variants alternate their order (A B C, C B A, ...): no variant always runs first
         order = conditions[::-1] if variants and r % 2 else conditions
         for cond in order:
-            ctx = (pinned(cores) if cond == "pinned" else buffer_cache_kept()
+            ctx = (pinned(cores) if cond == "pinned" else contended(cores)
+                   if cond == "contended" else buffer_cache_kept()
                    if cond == "keep-cache" else contextlib.nullcontext())
             if variants:
                 runner.set_variant(cond)
@@ -130,20 +161,23 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.run_round()
             rows.append({"condition": cond, "round": r + 1, **result,
                          "decode_s": list(runner.last_timings["decode_s"])})
-            say(f"{cond:10s} round {r + 1}: TTFT {result['ttft_s']:.4f} s, gen "
-                f"{result['gen_tps']:.1f} tok/s, passes "
+            say(f"{cond:10s} round {r + 1}: TTFT {result['ttft_s']:.4f} s, peak "
+                f"{result['peak_memory_gb']:.2f} GB, gen {result['gen_tps']:.1f} tok/s, passes "
                 + " ".join(f"{d * 1e3:.1f}" for d in runner.last_timings["decode_s"]) + " ms")
     summary = {}
     for cond in conditions:
         mine = [row for row in rows if row["condition"] == cond]
         gen = [row["gen_tps"] for row in mine]
         ttft = [row["ttft_s"] for row in mine]
+        peak = [row["peak_memory_gb"] for row in mine]
         summary[cond] = {"gen_tps_median": statistics.median(gen), "gen_spread_pct":
                          spread_pct(gen), "ttft_median": statistics.median(ttft),
-                         "ttft_spread_pct": spread_pct(ttft)}
+                         "ttft_spread_pct": spread_pct(ttft),
+                         "peak_memory_gb_median": statistics.median(peak)}
         say(f"{cond:10s}: gen {summary[cond]['gen_tps_median']:.1f} tok/s spread "
             f"{summary[cond]['gen_spread_pct']:.1f}%; TTFT {summary[cond]['ttft_median']:.4f} s "
-            f"spread {summary[cond]['ttft_spread_pct']:.1f}%")
+            f"spread {summary[cond]['ttft_spread_pct']:.1f}%; peak {min(peak):.1f}-"
+            f"{max(peak):.1f} GB")
     if variants:  # paired: each round's gen tok/s against the first variant's in that round
         base = [row for row in rows if row["condition"] == variants[0]]
         for cond in variants[1:]:

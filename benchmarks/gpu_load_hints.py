@@ -1,0 +1,128 @@
+"""The weight loads' cache hints, A/B in one process: kernels alone on a CUDA GPU.
+
+    python benchmarks/gpu_load_hints.py --forms plain,shipped --out results/load_hints
+
+The CUDA layer reads packed weights through two helpers (``qmm_load_w``,
+and ``qmm_load_w_line`` for the skinny kernel), each one inline-PTX load
+with cache hints.  Each form below rewrites both helpers in the generated
+source (the Metal layer's are plain loads either way) and yields kernels
+under their own names, so one process compiles every form and times them
+round by round, in alternating order, on the same operands:
+
+* ``shipped``: the layer as it is;
+* ``plain``: ``return *p``, what the compiler makes of a plain load;
+* any other name in :data:`FORMS`: that PTX load in both helpers.
+
+Each case is a kernel configuration on a Llama-3.2-3B projection at one M,
+timed like ``gpu_tiles.py`` (CuPy's NVRTC, a replayed CUDA graph of 50
+launches, median of 3), 4-bit group 64, float16.  Prints each time, then
+per case the median over rounds and its ratio to the first form's; writes
+``load_hints.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_kernels as gk  # noqa: E402  (the shared timing and CuPy helpers)
+
+FORMS = {
+    "nc": "ld.global.nc.v4.u32",
+    "nc_na": "ld.global.nc.L1::no_allocate.v4.u32",
+    "l2_128": "ld.global.nc.L1::no_allocate.L2::128B.v4.u32",
+    "l2_256": "ld.global.nc.L1::no_allocate.L2::256B.v4.u32",
+    "g_256": "ld.global.L2::256B.v4.u32",
+}
+#: (configuration, projection, M): where each kernel of the family reads weights.
+CASES = (
+    *(("tiled:decode", shape, 1) for shape in ("qo", "kv", "gate_up", "down")),
+    ("tiled:skinny:w16r2", "down", 16), ("tiled:skinny:w8r2", "gate_up", 16),
+    ("tiled:skinny:w16r2", "down", 8), ("tiled:skinny:w8r2", "qo", 16),
+    ("tiled:wide:w8r2m64:k2", "gate_up", 128), ("tiled:wide:w4r2m32:k4", "down", 128),
+    ("tiled:wide:w8r2m64", "gate_up", 2048),
+)
+# One helper: its `uint4 v;`, the asm statement (3 lines) and `return v;`.
+_HELPER_BODY = re.compile(
+    r'  uint4 v;\n  asm\("(ld\.global\S*) [^\n]*\n(?:[^\n]*\n){2}  return v;\n')
+
+
+def layer_in_form(text: str, form: str) -> str:
+    """The CUDA layer ``text`` with both weight-load helpers in ``form``."""
+    if len(_HELPER_BODY.findall(text)) != 2:
+        raise SystemExit("the CUDA layer's weight-load helpers changed shape; update "
+                         "gpu_load_hints.py")
+    if form == "shipped":
+        return text
+    if form == "plain":
+        return _HELPER_BODY.sub("  return *p;\n", text)
+    return _HELPER_BODY.sub(lambda m: m.group(0).replace(m.group(1), FORMS[form]), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forms", default="plain,shipped",
+                        help="comma-separated, of plain, shipped, " + ", ".join(FORMS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("load_hints_out"))
+    args = parser.parse_args(argv)
+    forms = [f for f in args.forms.split(",") if f]
+    unknown = [f for f in forms if f not in ("plain", "shipped", *FORMS)]
+    if unknown or not forms:
+        parser.error(f"--forms {args.forms!r}: accepted are plain, shipped, "
+                     + ", ".join(FORMS))
+
+    from pytest_qmmperf.tiled import source
+    from pytest_qmmperf.workloads.qmm import QmmSpec
+
+    cuda = source.DIALECTS["cuda"]
+    layer = type(cuda).layer
+    launches: dict[tuple[str, str, str, int], Any] = {}
+    for form in forms:
+        type(cuda).layer = lambda self, f=form: (  # type: ignore[method-assign]
+            layer_in_form(layer(self), f) if self.language == "cuda" else layer(self))
+        for name, shape, M in CASES:
+            N, K = gk.SHAPES[shape]
+            launches[form, name, shape, M] = gk.cupy_kernel(name, M, N, K)
+    type(cuda).layer = layer  # type: ignore[method-assign]
+
+    rows: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        order = forms if rnd % 2 == 0 else forms[::-1]
+        for name, shape, M in CASES:
+            N, K = gk.SHAPES[shape]
+            floor = gk.floor_s(QmmSpec(M=M, N=N, K=K))
+            sets = gk.cupy_operands(M, N, K, 4)
+            for form in order:
+                launch = launches[form, name, shape, M]
+                t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                rows.append({"round": rnd, "form": form, "name": name, "shape": shape, "M": M,
+                             "us": t * 1e6, "floor_x": t / floor})
+                print(f"r{rnd} {form:8s} {name:24s} {shape:8s} M={M:5d} {t * 1e6:8.2f} us "
+                      f"{t / floor:5.2f}x floor", flush=True)
+    print("\nmedian over rounds (ratio to the first form):")
+    for name, shape, M in CASES:
+        line = f"{name:24s} {shape:8s} M={M:5d}"
+        first = None
+        for form in forms:
+            v = statistics.median(r["us"] for r in rows if (r["form"], r["name"], r["shape"],
+                                                             r["M"]) == (form, name, shape, M))
+            first = first or v
+            line += f" | {form} {v:7.2f} ({v / first:.3f})"
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load_hints.json").write_text(json.dumps(
+        {"command": " ".join(sys.argv), "forms": forms, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

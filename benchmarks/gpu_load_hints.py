@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", default="plain,shipped",
                         help="comma-separated, of plain, shipped, " + ", ".join(FORMS))
+    parser.add_argument("--names", nargs="*", default=None,
+                        help="only the cases of these configurations (default: all of CASES)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("load_hints_out"))
     args = parser.parse_args(argv)
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not forms:
         parser.error(f"--forms {args.forms!r}: accepted are plain, shipped, "
                      + ", ".join(FORMS))
+    cases = [c for c in CASES if args.names is None or c[0] in args.names]
+    if not cases:
+        parser.error(f"--names {args.names}: accepted are "
+                     + ", ".join(sorted({c[0] for c in CASES})))
 
     from pytest_qmmperf.tiled import source
     from pytest_qmmperf.workloads.qmm import QmmSpec
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for form in forms:
         type(cuda).layer = lambda self, f=form: (  # type: ignore[method-assign]
             layer_in_form(layer(self), f) if self.language == "cuda" else layer(self))
-        for name, shape, M in CASES:
+        for name, shape, M in cases:
             N, K = gk.SHAPES[shape]
             launches[form, name, shape, M] = gk.cupy_kernel(name, M, N, K)
     type(cuda).layer = layer  # type: ignore[method-assign]
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
         order = forms if rnd % 2 == 0 else forms[::-1]
-        for name, shape, M in CASES:
+        for name, shape, M in cases:
             N, K = gk.SHAPES[shape]
             floor = gk.floor_s(QmmSpec(M=M, N=N, K=K))
             sets = gk.cupy_operands(M, N, K, 4)
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"r{rnd} {form:8s} {name:24s} {shape:8s} M={M:5d} {t * 1e6:8.2f} us "
                       f"{t / floor:5.2f}x floor", flush=True)
     print("\nmedian over rounds (ratio to the first form):")
-    for name, shape, M in CASES:
+    for name, shape, M in cases:
         line = f"{name:24s} {shape:8s} M={M:5d}"
         first = None
         for form in forms:

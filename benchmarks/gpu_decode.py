@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 import time
@@ -90,7 +89,7 @@ def problem(M: int, N: int, K: int) -> tuple[Any, list[tuple[Any, ...]], Any, fl
     from pytest_qmmperf.workloads.qmm import QmmSpec
 
     spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="float16")
-    sets = gk.cupy_operands(M, N, K, max(2, min(8, math.ceil(gk.L2_BYTES / spec.weight_bytes))))
+    sets = gk.cupy_operands(M, N, K, gk.rotation(spec.weight_bytes))
     x, w, s, b, _ = sets[0]
     ref = reference(x, w, s, b)
     return spec, sets, ref, float(cp.abs(ref).max())
@@ -153,7 +152,7 @@ def through_mlx(log: gk.Log, names: list[str]) -> dict[str, Any]:
     for shape, (N, K) in gk.SHAPES.items():
         for M in M_VALUES:
             spec = QmmSpec(M=M, N=N, K=K, bits=4, group_size=64, dtype="bfloat16")
-            count = max(2, min(8, math.ceil(gk.L2_BYTES / spec.bytes)))
+            count = gk.rotation(spec.bytes)
             sets = [make_inputs(spec, seed=s) for s in range(count)]
             for name in dict.fromkeys(["mlx", "dequant", "tiled:decode", *names]):
                 med = statistics.median(gk.timed(get_variant(name), sets, spec))

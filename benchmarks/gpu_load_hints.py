@@ -14,7 +14,7 @@ round by round, in alternating order, on the same operands:
 * any other name in :data:`FORMS`: that PTX load in both helpers.
 
 Each case is a kernel configuration on a Llama-3.2-3B projection at one M,
-timed like ``gpu_tiles.py`` (CuPy's NVRTC, a replayed CUDA graph of 50
+timed like ``gpu_tiles.py`` (CuPy's NVRTC, a replayed CUDA graph of 50 or more
 launches, median of 3), 4-bit group 64, float16.  Prints each time, then
 per case the median over rounds and its ratio to the first form's; writes
 ``load_hints.json`` under ``--out``.
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, shape, M in cases:
             N, K = gk.SHAPES[shape]
             floor = gk.floor_s(QmmSpec(M=M, N=N, K=K))
-            sets = gk.cupy_operands(M, N, K, 4)
+            sets = gk.cupy_operands(M, N, K, gk.rotation(QmmSpec(M=M, N=N, K=K).weight_bytes))
             for form in order:
                 launch = launches[form, name, shape, M]
                 t = statistics.median(gk.event_time(launch, sets) for _ in range(3))

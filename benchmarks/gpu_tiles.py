@@ -6,8 +6,10 @@
 1. Kernel alone: each named configuration, for each Llama-3.2-3B projection
    and M in ``--m``, compiled through CuPy's NVRTC from the source MLX
    compiles, checked against a float32 reference computed by CuPy (4-bit,
-   group 64, float16) and timed from a replayed CUDA graph of 50 launches
-   over rotated weights (:func:`gpu_kernels.event_time`); ``tiled:dequant``
+   group 64, float16) and timed from a replayed CUDA graph of 50 or more
+   launches over weight sets rotated until they reach 256 MB, five times
+   the H100's L2 (:func:`gpu_kernels.event_time`, :func:`gpu_kernels.rotation`);
+   ``tiled:dequant``
    (the dequant kernel, then cuBLAS) launched one by one, as CuPy cannot
    capture cuBLAS, with its dequant kernel also timed alone.  In the same run,
    cuBLAS's float16 GEMM of the same (M, K) x (K, N) on dense weights (launched
@@ -50,7 +52,7 @@ def cublas_s(M: int, N: int, K: int) -> float:
 
     x = cp.random.standard_normal((M, K), dtype=cp.float32).astype(cp.float16)
     sets = [(x, cp.random.standard_normal((N, K), dtype=cp.float32).astype(cp.float16),
-             cp.empty((M, N), dtype=cp.float16)) for _ in range(2)]
+             cp.empty((M, N), dtype=cp.float16)) for _ in range(gk.rotation(2 * N * K))]
 
     def launch(a: Any, w: Any, out: Any) -> None:
         cp.matmul(a, w.T, out=out)

@@ -1,0 +1,49 @@
+"""Pure helpers of the GPU benchmark scripts, checked on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import gpu_kernels  # noqa: E402
+import gpu_load_hints  # noqa: E402
+
+from pytest_qmmperf.tiled import source  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("bytes_per_set", "expected"),
+    [
+        (5_300_000, 51),  # qo's weights: ceil(268435456 / 5.3e6) = ceil(50.6)
+        (64 << 20, 4),  # exactly a quarter of 256 MiB
+        ((64 << 20) - 1, 5),  # one byte short of a quarter: a fifth set
+        (1, 128),  # capped
+        (10**9, 2),  # one set would not rotate at all
+    ],
+)
+def test_rotation_reaches_256_mib(bytes_per_set: int, expected: int) -> None:
+    assert gpu_kernels.rotation(bytes_per_set) == expected
+
+
+def test_load_hint_forms_rewrite_both_weight_loads() -> None:
+    layer = source.DIALECTS["cuda"].layer()
+    assert gpu_load_hints.layer_in_form(layer, "shipped") == layer
+
+    plain = gpu_load_hints.layer_in_form(layer, "plain")
+    assert plain.count("return *p;") == 2
+    assert "ld.global" not in plain
+
+    wide = gpu_load_hints.layer_in_form(layer, "l2_256")
+    loads = [line.strip() for line in wide.splitlines() if "ld.global" in line]
+    assert loads == [
+        'asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\\n"'
+    ] * 2
+
+
+def test_load_hint_forms_refuse_a_changed_layer() -> None:
+    with pytest.raises(SystemExit, match="weight-load helpers changed shape"):
+        gpu_load_hints.layer_in_form("// no helpers here\n", "plain")

@@ -40,8 +40,9 @@ __device__ __forceinline__ uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c
 }
 
 // 16 bytes of packed weights, read once per kernel and never written while it
-// runs: through the non-coherent path and not kept in L1 (decode and wide
-// kernels: 1.6-2.5% faster than a plain load, PERFORMANCE.md 6o).
+// runs: through the non-coherent path and not kept in L1 (from DRAM, the
+// decode kernel 2-4.6% and the wide kernel 1.5-1.8% faster than a plain
+// load below 2048 tokens; PERFORMANCE.md 6o, 6p).
 __device__ __forceinline__ uint4 qmm_load_w(const uint4* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -52,8 +53,8 @@ __device__ __forceinline__ uint4 qmm_load_w(const uint4* p) {
 
 // The same, with L2 fetching the whole 128-byte line: the skinny kernel's
 // lanes read a row's weights in 64-byte pieces, the line's other half being
-// the next warp's (2.5-4% faster than a plain load there; the wide kernel,
-// whose loads run a super-step ahead, is 2-4% slower with it).
+// the next warp's (2.7-4% faster than a plain load there; the wide kernel,
+// whose loads run a super-step ahead, was 1-4% slower with it).
 __device__ __forceinline__ uint4 qmm_load_w_line(const uint4* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];\n"

@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import replace
 from itertools import count
 
 import mlx.core as mx
@@ -191,6 +192,38 @@ def test_round_metrics_follow_their_definitions():
     assert "mlx-lm" in info["conventions"]
     assert any("cold run" in m for m in messages) and any("round 2" in m for m in messages)
     assert any("32/96 prompt tokens" in m for m in messages)  # chunked prefill progress
+
+
+def test_host_share_of_prefill_rises_with_the_host_s_work():
+    spec = PrefillSpec("tiny", prompt_tokens=96, gen_tokens=2, prefill_step=32)
+    plain = PrefillRunner(spec)
+    assert plain.ttft_host_fraction is None
+    plain.warmup()
+    share = plain.ttft_host_fraction
+    # Disjoint stretches of host time inside the measured interval: a share of it.
+    assert share is not None and 0.0 < share <= 1.0
+    assert plain.info()["ttft_host_fraction"] == round(share, 4)
+    plain.run_round()
+    assert plain.ttft_host_fraction == share  # measured once, in the warm-up
+
+    # The same kernels with 3 ms of host time in every layer call (15 layers, 4 chunks):
+    # the host now takes nearly all of the prompt's time. (The converse, more device
+    # work, cannot be shown on the CPU backend: there the device's threads take the
+    # host's cores too.)
+    mlx_fn = get_variant("mlx").fn
+
+    def slow_host(x, w, scales, biases, **kw):
+        time.sleep(0.003)
+        return mlx_fn(x, w, scales, biases, **kw)
+
+    name = _register(slow_host)
+    try:
+        loaded = PrefillRunner(replace(spec, variant=name))
+        loaded.warmup()
+    finally:
+        unregister_variant(name)
+    assert loaded.ttft_host_fraction is not None
+    assert loaded.ttft_host_fraction > max(share, 0.9), (loaded.ttft_host_fraction, share)
 
 
 def test_host_share_of_generation_is_measured_after_the_warm_up():

@@ -33,6 +33,13 @@ does the generating here, except where marked):
   decode step, measured once after the warm-up; over
   :data:`GEN_HOST_BOUND_FRACTION` generation is host-bound and the gate
   reports ``gen_tps`` without enforcing it (``--qmm-gate-host-bound``).
+* ``ttft_host_fraction`` (in the info, not a metric): the share of the
+  prompt's processing the host spends building and queueing its chunks,
+  measured once after the warm-up.  mlx-lm evaluates each chunk before it
+  builds the next, so the device waits while the host builds; the larger
+  the share, the more TTFT moves with the host's speed (on the H100,
+  ``dequant``'s TTFT rose 34% on a host at half speed, ``mlx``'s 9.5%:
+  docs/PERFORMANCE.md, section 3e).  TTFT is gated either way.
 * ``cold_start_s``: the TTFT of the first run in the process, JIT compilation
   included (only kernels not compiled earlier in the process are compiled).
 """
@@ -578,6 +585,8 @@ class PrefillRunner:
         self._decode_step_s: list[float] = []
         #: Host share of a decode step (:meth:`_host_share_of_generation`), from the warm-up.
         self.gen_host_fraction: float | None = None
+        #: Host share of the prompt's processing (:meth:`_host_share_of_prefill`), likewise.
+        self.ttft_host_fraction: float | None = None
 
     # -- public API used by the fixture --------------------------------
 
@@ -669,7 +678,8 @@ class PrefillRunner:
                 "prompt_tps = prompt_tokens/ttft_s; gen_tps = (gen_tokens-1)/(last token - "
                 "first token), median of decode_passes passes per round (mlx-lm divides "
                 "gen_tokens instead); peak_memory_gb = mx.get_peak_memory()/1e9 per round; "
-                "fresh KV cache per round"
+                "fresh KV cache per round; ttft_host_fraction = time building and queueing "
+                "the prompt's chunks / TTFT, once after the warm-up"
             ),
         }
         if self._cold_start_s is not None:
@@ -679,6 +689,8 @@ class PrefillRunner:
         if self.gen_host_fraction is not None:
             info["gen_host_fraction"] = round(self.gen_host_fraction, 4)
             info["gen_host_bound"] = self.gen_host_fraction > GEN_HOST_BOUND_FRACTION
+        if self.ttft_host_fraction is not None:
+            info["ttft_host_fraction"] = round(self.ttft_host_fraction, 4)
         if hasattr(self, "check_error"):
             info["check_relative_error"] = self.check_error
         from pytest_qmmperf.hardware import backend_name, import_mlx
@@ -756,6 +768,8 @@ class PrefillRunner:
         if label == "warm-up" and spec.gen_tokens > 2 and can_trim_prompt_cache(cache):
             # after the timing, which the warm-up does not keep
             self.gen_host_fraction = self._host_share_of_generation(cache, tokens[0])
+        if label == "warm-up":
+            self.ttft_host_fraction = self._host_share_of_prefill()
         peak = mx.get_peak_memory()
         del cache
         #: The raw intervals behind the last result, for reports and tests.
@@ -817,6 +831,50 @@ class PrefillRunner:
         mx.synchronize(generation_stream)
         intervals = [b - a for a, b in zip(arrived, arrived[1:], strict=False)]
         return _median(host) / max(_median(intervals), 1e-12)
+
+    def _host_share_of_prefill(self) -> float:
+        """The share of the prompt's processing the host spends building and queueing it.
+
+        Processes the prompt as mlx-lm's generate_step does (chunks of
+        ``prefill_step`` tokens, each evaluated before the next is built and
+        MLX's buffer cache emptied after it; the last token with the first
+        sampling step) from a fresh cache, and returns the time spent
+        building each chunk's graph and queueing it with ``mx.async_eval``
+        over the time from the start to the first token on the host.  The
+        device idles while the host builds a chunk, so this share of TTFT
+        moves with the host's speed.
+        """
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mx.synchronize(generation_stream)
+        mx.clear_cache()
+        cache = make_prompt_cache(self.model)
+        step = self.spec.prefill_step
+        host = 0.0
+        with mx.stream(generation_stream):
+            start = time.perf_counter()
+            y = self.prompt
+            while y.size > 1:
+                n = min(step, y.size - 1)
+                t0 = time.perf_counter()
+                self.model(y[:n][None], cache=cache)
+                states = [c.state for c in cache]
+                mx.async_eval(states)
+                host += time.perf_counter() - t0
+                mx.eval(states)
+                y = y[n:]
+                mx.clear_cache()
+            t0 = time.perf_counter()
+            logits = self.model(y[None], cache=cache)[:, -1, :]
+            token = mx.argmax(logits - mx.logsumexp(logits, keepdims=True), axis=-1)
+            mx.async_eval(token)
+            host += time.perf_counter() - t0
+            token.item()
+            total = time.perf_counter() - start
+        del cache
+        return host / max(total, 1e-12)
 
     def _logits(self, prompt: mx.array) -> mx.array:
         """Last-position log-probabilities of one forward pass over ``prompt`` (float32)."""

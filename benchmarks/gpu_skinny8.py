@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_skinny8.py                      # down, qo, gate_up, kv at 16, 8, 1
     python benchmarks/gpu_skinny8.py down,qo 16,8
+    python benchmarks/gpu_skinny8.py --forms down,qo,gate_up 16,8   # variations of the prefetch
 
 The family's skinny kernel feeds m16n8k16 the weights as A (16 rows) and
 the tokens as B (8 of them), so a block holds 16-row fragments: down's
@@ -276,6 +277,51 @@ $prologue
   }
 """
 
+
+
+def prefetch_forms() -> dict[str, str]:
+    """Variations of :data:`BODY_PREFETCH`, by name (``--forms``)."""
+    p = BODY_PREFETCH
+    x_load = "    sk.load_x(x, m0, ks, K, M);\n"
+    next_w = "    uint32_t wn[RF][CW];\n"
+    loop = "  for (int ks = int(warp) * 128; ks < K; ks += W * 128) {"
+    terms_next = """      sn[f] = 0.0f;
+      bn[f] = 0.0f;
+      if (live) {
+        const size_t gi = size_t(row) * size_t(G) + size_t(k / GS);
+        sn[f] = float(scales[gi]);
+        bn[f] = float(biases[gi]);
+      }
+"""
+    terms_now = """#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+      const int row = n0 + 8 * f + sk.g;
+      const int k = ks + 32 * sk.t;
+      sv[f] = 0.0f;
+      bv[f] = 0.0f;
+      if (k < K && row < N) {
+        const size_t gi = size_t(row) * size_t(G) + size_t(k / GS);
+        sv[f] = float(scales[gi]);
+        bv[f] = float(biases[gi]);
+      }
+    }
+"""
+    for piece in (x_load, next_w, loop, terms_next, "      sv[f] = sn[f];\n      bv[f] = bn[f];\n"):
+        assert piece in p, piece
+    x_first = p.replace(x_load, "").replace(next_w, x_load + next_w)
+    no_unroll = "#pragma unroll 1\n" + loop
+    return {
+        "p": p,
+        # this step's x loaded before the next step's weights are asked for
+        "p_xfirst": x_first,
+        # only the weights ahead; the groups' scales and biases loaded in the step
+        "p_wonly": p.replace(terms_next, "").replace(
+            "      sv[f] = sn[f];\n      bv[f] = bn[f];\n", "").replace(x_load, x_load + terms_now),
+        "p_nounroll": p.replace(loop, no_unroll),
+        "p_xfirst_nounroll": x_first.replace(loop, no_unroll),
+    }
+
+
 #: (warps, fragments, prefetch) of the experiment.
 CONFIGS = ((16, 3, False), (16, 3, True), (12, 3, True), (16, 2, True), (8, 3, True),
            (8, 4, True), (16, 4, True), (12, 4, False))
@@ -283,8 +329,11 @@ FAMILY = ("tiled:skinny:w16r2", "tiled:skinny:w8r2", "tiled:skinny:w12r2", "tile
           "tiled:skinny")
 
 
-def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool) -> Any:
-    """``launch(x, w, scales, biases, out)`` of the 8-row kernel, through CuPy."""
+def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool,
+            body: str | None = None) -> Any:
+    """``launch(x, w, scales, biases, out)`` of the 8-row kernel, through CuPy.
+
+    ``body`` replaces the kernel body (:func:`prefetch_forms`)."""
     import cupy as cp
 
     from pytest_qmmperf import cuda
@@ -293,8 +342,8 @@ def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool) -> A
     dialect = source.DIALECTS["cuda"]
     layer = type(dialect).layer
     body = source._SKINNY_BODY
-    text = (BODY_PREFETCH if prefetch else BODY).replace("constexpr int RF = $RF;",
-                                                         f"constexpr int RF = {frags};")
+    text = (body or (BODY_PREFETCH if prefetch else BODY)).replace(
+        "constexpr int RF = $RF;", f"constexpr int RF = {frags};")
     type(dialect).layer = lambda self: layer(self) + STRUCT  # type: ignore[method-assign]
     source._SKINNY_BODY = Template(text)
     try:
@@ -320,9 +369,44 @@ def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool) -> A
     return launch
 
 
+def forms_main(argv: list[str]) -> int:
+    """``--forms SHAPES MS``: the prefetch variations and the plain form, per configuration."""
+    import cupy as cp
+
+    shapes = argv[0].split(",") if argv else ["down", "qo", "gate_up"]
+    m_values = [int(v) for v in argv[1].split(",")] if len(argv) > 1 else [16, 8]
+    for shape in shapes:
+        N, K = gk.SHAPES[shape]
+        for M in m_values:
+            spec, sets, ref, scale = gd.problem(M, N, K)
+            x, w, s, b, out = sets[0]
+            rows = []
+            for warps, frags in ((16, 3), (12, 3), (8, 4)):
+                for name, body in (("plain", BODY), *prefetch_forms().items()):
+                    launch = skinny8(warps, frags, M, N, K, False, body)
+                    out.fill(0)
+                    launch(x, w, s, b, out)
+                    err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
+                    if err > 1e-2:
+                        raise SystemExit(f"8-row w{warps}r{frags} {name}: relative error "
+                                         f"{err:.2g} on {shape} M={M}")
+                    t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                    rows.append((t * 1e6, f"8-row w{warps}r{frags} {name} "
+                                          f"({launch.registers} registers)"))
+            floor = gk.floor_s(spec) * 1e6
+            print(f"{shape} M={M} floor {floor:.2f} us:", flush=True)
+            for t, name in sorted(rows):
+                print(f"    {name:46s} {t:7.2f} us {t / floor:5.2f}x", flush=True)
+            del sets, ref
+            cp.get_default_memory_pool().free_all_blocks()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     import cupy as cp
 
+    if argv[:1] == ["--forms"]:
+        return forms_main(argv[1:])
     shapes = argv[0].split(",") if argv else ["down", "qo", "gate_up", "kv"]
     m_values = [int(v) for v in argv[1].split(",")] if len(argv) > 1 else [16, 8, 1]
     for shape in shapes:

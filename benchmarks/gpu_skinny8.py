@@ -341,7 +341,7 @@ def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool,
 
     dialect = source.DIALECTS["cuda"]
     layer = type(dialect).layer
-    body = source._SKINNY_BODY
+    saved_body = source._SKINNY_BODY
     text = (body or (BODY_PREFETCH if prefetch else BODY)).replace(
         "constexpr int RF = $RF;", f"constexpr int RF = {frags};")
     type(dialect).layer = lambda self: layer(self) + STRUCT  # type: ignore[method-assign]
@@ -349,7 +349,7 @@ def skinny8(warps: int, frags: int, M: int, N: int, K: int, prefetch: bool,
     try:
         src = source.generate(SkinnyConfig(warps=warps), bits=4, group_size=64, language="cuda")
     finally:
-        source._SKINNY_BODY = body
+        source._SKINNY_BODY = saved_body
         type(dialect).layer = layer  # type: ignore[method-assign]
     tiles = source.skinny_tiles(M)
     template: list[tuple[str, str | int]] = [("T", "float16"), ("TILES", tiles)]

@@ -40,7 +40,8 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:128x32x64:wm4wn1", "tiled:128x128:wm2wn4", "tiled:16x64x128:wm1wn4",
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
-    "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:96x64x64:wm4wn2:k4",
+    "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:skinny:w16r3h", "tiled:skinny:w12r3hp",
+    "tiled:skinny:w8r4hp", "tiled:96x64x64:wm4wn2:k4",
     "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w4r1m16:k4", "tiled:wide:w4r2m32:k4",
     "tiled:dequant",
 )]
@@ -255,6 +256,14 @@ EMULATED.append((emu.EmulatedKernel(SkinnyConfig(3), 4, 32, "float16", tokens=21
 # several 16-row fragments a warp, N ending inside the last one
 EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3), 8, 128, "bfloat16", tokens=13),
                  QmmSpec(M=13, N=100, K=384, bits=8, group_size=128, dtype="bfloat16")))
+# 8-row fragments: one token fragment at 8 bits, N ending inside a fragment and K short
+# of a super-step; two token blocks with the next step's weights fetched ahead, the
+# last step partial
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3, half=True), 8, 32, "bfloat16", tokens=5),
+                 QmmSpec(M=5, N=29, K=416, bits=8, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 2, half=True, prefetch=True), 4, 64,
+                                    "float16", tokens=19),
+                 QmmSpec(M=19, N=40, K=704, bits=4, group_size=64)))
 # tiles split over K: uneven parts (8 slices in 3), and more parts than slices
 # (2 slices in 4: the last parts write zeros)
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:32x32:wm2wn2:k3"), 8, 64, "bfloat16"),

@@ -279,40 +279,47 @@ struct QmmRowFrags {
   }
 };
 
+// Lane (g, t)'s x for the skinny kernels: x[m0 + 8i + g][ks + 32t .. +31]
+// for i < TILES, as 16 pairs each in QmmDq's pair order; zeros past M or K.
+template <typename T, int TILES, int BITS>
+__device__ __forceinline__ void qmm_skinny_x(uint32_t (&xw)[TILES][16], const T* x, int m0, int ks,
+                                             int K, int M, int g, int t) {
+  const int k = ks + 32 * t;
+#pragma unroll
+  for (int i = 0; i < TILES; ++i) {
+    const int m = m0 + 8 * i + g;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      uint4 v = qmm_zero4();
+      if (k < K && m < M) {
+        v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * static_cast<size_t>(K) +
+                                            static_cast<size_t>(k + 8 * c));
+      }
+      v = qmm_pair_order<BITS>(v);
+      xw[i][4 * c] = v.x;
+      xw[i][4 * c + 1] = v.y;
+      xw[i][4 * c + 2] = v.z;
+      xw[i][4 * c + 3] = v.w;
+    }
+  }
+}
+
 // The skinny kernel: QmmRowFrags, each lane loading its own x (tokens g + 8i,
 // its chunk) from device memory. mma step s (of 8) gives m16n8k16's k slots
 // 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1, in A
 // (weights) and B (x) alike, so each lane only uses data it loaded itself;
 // the x it loads serves all RF fragments.
-template <typename T, int TILES, int RF, int BITS>
+template <typename T, int TILES, int RF, int BITS, typename F = QmmRowFrags<TILES, RF>>
 struct QmmSkinny {
-  QmmRowFrags<TILES, RF> frag;
+  F frag;
   uint32_t xw[TILES][16];  // the chunk's x of token g + 8i, as 16 pairs
 
   __device__ __forceinline__ void init(unsigned lane) {
     frag.init(lane);
   }
 
-  // x[m0 + 8i + g][ks + 32t .. +31] as pairs, in QmmDq's pair order; zeros past M or K.
   __device__ __forceinline__ void load_x(const T* x, int m0, int ks, int K, int M) {
-    const int k = ks + 32 * frag.t;
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-      const int m = m0 + 8 * i + frag.g;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        uint4 v = qmm_zero4();
-        if (k < K && m < M) {
-          v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * static_cast<size_t>(K) +
-                                              static_cast<size_t>(k + 8 * c));
-        }
-        v = qmm_pair_order<BITS>(v);
-        xw[i][4 * c] = v.x;
-        xw[i][4 * c + 1] = v.y;
-        xw[i][4 * c + 2] = v.z;
-        xw[i][4 * c + 3] = v.w;
-      }
-    }
+    qmm_skinny_x<T, TILES, BITS>(xw, x, m0, ks, K, M, frag.g, frag.t);
   }
 
   // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows g and g + 8, packed T.
@@ -325,6 +332,39 @@ struct QmmSkinny {
         const uint32_t b[2] = {xw[i][2 * s], xw[i][2 * s + 1]};
         QmmMma<T>::run(frag.acc[f][i], a, b);
       }
+    }
+  }
+};
+
+// The skinny kernel with 8-row fragments (`h`): m16n8k16 with the roles of
+// the 16-row form swapped, x as A and the weights as B, so that a block can
+// hold 8 x RF weight rows (down's 3072 rows: 128 blocks of 24 instead of 96
+// of 32). Lane (g, t) supplies A's rows g and g + 8 (its tokens g and g + 8,
+// the x qmm_skinny_x loads; zeros for the upper 8 when TILES = 1) and B's
+// column g (weight row g of the fragment), both at its chunk t, and holds
+// the results of tokens g and g + 8 at rows 2t and 2t + 1.
+template <int RF>
+struct QmmRowFrags8 : QmmRowFrags<1, RF> {
+  // value(e) as QmmRowFrags<1, RF>'s: fragment e / 4, element e % 4.
+  __device__ __forceinline__ int token(int e) const { return this->g + 8 * ((e % 4) >> 1); }
+  __device__ __forceinline__ int out_row(int e) const {
+    return 8 * (e / 4) + 2 * this->t + (e & 1);
+  }
+};
+
+template <typename T, int TILES, int RF, int BITS>
+struct QmmSkinny8 : QmmSkinny<T, TILES, RF, BITS, QmmRowFrags8<RF>> {
+  static constexpr int ACC = 4 * RF;  // accumulators per lane
+
+  // Fragment f; pw: the chunk's 16 pairs of its weight row g, packed T.
+  __device__ __forceinline__ void mma(int f, const uint32_t (&pw)[16]) {
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint32_t(&x)[TILES][16] = this->xw;
+      const uint32_t a[4] = {x[0][2 * s], TILES > 1 ? x[TILES - 1][2 * s] : 0u,
+                             x[0][2 * s + 1], TILES > 1 ? x[TILES - 1][2 * s + 1] : 0u};
+      const uint32_t b[2] = {pw[2 * s], pw[2 * s + 1]};
+      QmmMma<T>::run(this->frag.acc[f][0], a, b);
     }
   }
 };

@@ -263,6 +263,49 @@ struct QmmRowFrags {
   }
 };
 
+// Lane (fm, fn)'s x for the skinny kernels: tokens m0 + 8i + fn (xa) and
+// + 1 (xb) at k = ks + 32 * (fm / 2) .. +31 for i < TILES, as 16 pairs each
+// in QmmDq's pair order; zeros past M or K.
+template <typename T, int TILES, int BITS>
+inline void qmm_skinny_x(thread uint32_t (&xa)[TILES][16], thread uint32_t (&xb)[TILES][16],
+                         const device T* x, int m0, int ks, int K, int M, short fm, short fn) {
+  const int k = ks + 32 * (fm / 2);
+#pragma unroll
+  for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = m0 + 8 * i + fn + e;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        uint4 v = uint4(0u);
+        if (k < K && m < M) {
+          v = *((const device uint4*)(x + size_t(m) * size_t(K) + size_t(k + 8 * c)));
+        }
+        v = qmm_pair_order<BITS>(v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (e == 0) {
+            xa[i][4 * c + q] = v[q];
+          } else {
+            xb[i][4 * c + q] = v[q];
+          }
+        }
+      }
+    }
+  }
+}
+
+// B = x.T (k x tokens) of the skinny kernels' step s: lane (fm, fn) holds k slot
+// fm, tokens fn and fn + 1 (xa, xb: their pair s of chunk fm / 2; the pair's
+// low half for even fm).
+template <typename T>
+inline simdgroup_matrix<float, 8, 8> qmm_skinny_b(uint32_t xa, uint32_t xb, short fm) {
+  simdgroup_matrix<float, 8, 8> b;
+  b.thread_elements()[0] = (fm % 2 == 0) ? qmm_lo<T>(xa) : qmm_hi<T>(xa);
+  b.thread_elements()[1] = (fm % 2 == 0) ? qmm_lo<T>(xb) : qmm_hi<T>(xb);
+  return b;
+}
+
 // The skinny kernel: QmmRowFrags, each lane loading its own x from device
 // memory. A = weights (rows x k; rows 0-7 and 8-15), B = x.T (k x tokens).
 // Step s (of 16) gives A's k slot 2c + e element e of chunk c's pair s
@@ -270,9 +313,9 @@ struct QmmRowFrags {
 // element r % 2 of pair s of chunk r / 2, which lane (fm, fn) loads for its
 // tokens fn and fn + 1. The same idea as the CUDA layer's QmmSkinny, with
 // Metal's fragment layout; the x a lane loads serves all RF fragments.
-template <typename T, int TILES, int RF, int BITS>
+template <typename T, int TILES, int RF, int BITS, typename F = QmmRowFrags<TILES, RF>>
 struct QmmSkinny {
-  QmmRowFrags<TILES, RF> frag;
+  F frag;
   uint32_t xa[TILES][16];  // token fn of fragment i, chunk fm / 2, as pairs
   uint32_t xb[TILES][16];  // token fn + 1
 
@@ -280,30 +323,7 @@ struct QmmSkinny {
     frag.init(lane);
   }
   inline void load_x(const device T* x, int m0, int ks, int K, int M) {
-    const int k = ks + 32 * (frag.fm / 2);
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * i + frag.fn + e;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          uint4 v = uint4(0u);
-          if (k < K && m < M) {
-            v = *((const device uint4*)(x + size_t(m) * size_t(K) + size_t(k + 8 * c)));
-          }
-          v = qmm_pair_order<BITS>(v);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (e == 0) {
-              xa[i][4 * c + q] = v[q];
-            } else {
-              xb[i][4 * c + q] = v[q];
-            }
-          }
-        }
-      }
-    }
+    qmm_skinny_x<T, TILES, BITS>(xa, xb, x, m0, ks, K, M, frag.fm, frag.fn);
   }
 
   // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows fm and fm + 8, packed T.
@@ -318,11 +338,47 @@ struct QmmSkinny {
       a1.thread_elements()[1] = qmm_hi<T>(pb[s]);
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        simdgroup_matrix<float, 8, 8> b;
-        b.thread_elements()[0] = (frag.fm % 2 == 0) ? qmm_lo<T>(xa[i][s]) : qmm_hi<T>(xa[i][s]);
-        b.thread_elements()[1] = (frag.fm % 2 == 0) ? qmm_lo<T>(xb[i][s]) : qmm_hi<T>(xb[i][s]);
+        const simdgroup_matrix<float, 8, 8> b = qmm_skinny_b<T>(xa[i][s], xb[i][s], frag.fm);
         simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
         simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
+      }
+    }
+  }
+};
+
+// The skinny kernel with 8-row fragments (`h`): the 16-row form without its
+// second A matrix. C = rows x tokens in 8x8 simdgroup matrices, one per
+// fragment and token tile; lane (fm, fn) owns weight row fm of each 8-row
+// fragment (`row`) at chunk fn / 2, and holds C at row fm, tokens fn, fn + 1.
+// The CUDA layer's QmmSkinny8 swaps m16n8k16's operands to get the same
+// 8-row blocks; Metal's 8x8 matrices need no swap.
+template <int TILES, int RF>
+struct QmmRowFrags8 : QmmRowFrags<TILES, RF> {
+  // Only the first of each 16-row pair of QmmRowFrags' matrices holds sums.
+  inline float value(int e) {
+    return this->acc[e / (2 * TILES)][(e % (2 * TILES)) / 2][0].thread_elements()[e % 2];
+  }
+  inline int token(int e) const { return 8 * ((e % (2 * TILES)) / 2) + this->fn + (e % 2); }
+  inline int out_row(int e) const { return 8 * (e / (2 * TILES)) + this->fm; }
+};
+
+template <typename T, int TILES, int RF, int BITS>
+struct QmmSkinny8 : QmmSkinny<T, TILES, RF, BITS, QmmRowFrags8<TILES, RF>> {
+  static constexpr int ACC = 2 * TILES * RF;  // accumulators per lane
+
+  // Fragment f; pw: the chunk's 16 pairs of its weight row fm, packed T.
+  inline void mma(int f, thread const uint32_t (&pw)[16]) {
+#pragma unroll
+    for (int s = 0; s < 16; ++s) {
+      simdgroup_matrix<float, 8, 8> a;
+      a.thread_elements()[0] = qmm_lo<T>(pw[s]);
+      a.thread_elements()[1] = qmm_hi<T>(pw[s]);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const simdgroup_matrix<float, 8, 8> b =
+            qmm_skinny_b<T>(this->xa[i][s], this->xb[i][s], this->frag.fm);
+        simdgroup_multiply_accumulate(this->frag.acc[f][i][0], a, b,
+                                      this->frag.acc[f][i][0]);
       }
     }
   }

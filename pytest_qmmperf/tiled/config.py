@@ -9,7 +9,8 @@ Names::
     tiled:BMxBN[xBK]:wmWMwnWN[:kS][:dMAXM]  e.g. tiled:160x32:wm4wn1, tiled:64x64x64:wm2wn2:d0,
                                          tiled:96x64x64:wm4wn2:k4
     tiled:decode[:rRwW[uU][kS]]          the one-token kernel on its own, e.g. tiled:decode:r2w4u4
-    tiled:skinny[:wW[rR]]                the few-token tensor-core kernel, e.g. tiled:skinny:w4r2
+    tiled:skinny[:wW[rR][h][p]]          the few-token tensor-core kernel, e.g. tiled:skinny:w4r2;
+                                         h: 8-row fragments, p: weights a step ahead
     tiled:wide:wWrRmTOK[:kS][:dMAXM][:gM] weights dequantized in registers, x staged in
                                          threadgroup memory, e.g. tiled:wide:w8r2m64:g512
     tiled:dequant                        the dequant kernel, then MLX's dense matmul
@@ -220,20 +221,36 @@ class SkinnyConfig:
     16, so from 2 tokens on it beats the decode kernel.  With ``rows`` > 1
     a block takes ``rows`` x 16 weight rows and each lane reuses its tokens'
     activations for all of them, so x is read from L2 ``rows`` times less.
+
+    With ``half`` (``h`` in the name) the fragments are 8 rows: the CUDA
+    layer swaps m16n8k16's operands (x as A, the weights as B), so a block
+    can hold 8 x ``rows`` rows, e.g. 128 blocks of 24 for a 3072-row
+    projection instead of 96 of 32, and each lane dequantizes one row per
+    fragment.  ``prefetch`` (``p``, 8-row fragments only) asks for the next
+    super-step's weights before this one's are dequantized.
+    docs/PERFORMANCE.md, section 6q, measured both.
     """
 
     warps: int = 8
     rows: int = 1
+    half: bool = False
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "warps", self.warps)
         _positive(name, "rows", self.rows)
         _check_warps(name, self.warps)
-        if self.rows > MAX_SKINNY_ROWS:
+        if self.rows > MAX_SKINNY_ROWS * (2 if self.half else 1):
             raise TileError(
                 f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
-                "(register budget: each holds its packed weights and accumulators)"
+                f"({2 * MAX_SKINNY_ROWS} of 8 rows; register budget: each holds its packed "
+                "weights and accumulators)"
+            )
+        if self.prefetch and not self.half:
+            raise TileError(
+                f"{name}: prefetch (p) needs 8-row fragments (h): with 16-row fragments the "
+                "next super-step's weights do not fit in a lane's registers"
             )
         _check_block_registers(name, self.threads, self.registers, "use fewer warps or rows")
         if self.shared_bytes > TG_MEMORY_LIMIT:
@@ -248,30 +265,41 @@ class SkinnyConfig:
         return SIMD * self.warps
 
     @property
+    def fragment_rows(self) -> int:
+        return FRAG_ROWS // 2 if self.half else FRAG_ROWS
+
+    @property
     def rows_per_block(self) -> int:
-        return FRAG_ROWS * self.rows
+        return self.fragment_rows * self.rows
 
     @property
     def registers(self) -> int:
         """Registers per thread, as ptxas allocates them for sm_90a at 8 bits (the widest):
-        95, 128 and 224 measured at 1, 2 and 4 rows."""
+        95, 128 and 224 measured at 1, 2 and 4 rows; with 8-row fragments at most 62, 76,
+        104 and 122 at 1-4 rows over the bit widths and dtypes, and up to 30 more with
+        prefetch (134 at 3 rows: ``w16r3hp`` would not launch at 8 bits)."""
+        if self.half:
+            return 44 + 20 * self.rows + (30 if self.prefetch else 0)
         return 64 + 32 * self.rows + (32 if self.rows >= 3 else 0)
 
     @property
     def shared_bytes(self) -> int:
         """The warps' partial sums: 4 floats per lane and 8-token fragment, two token
-        fragments, each 16-row fragment."""
-        return self.warps * self.rows * SIMD * 4 * 2 * 4
+        fragments, each 16-row fragment (half as many for 8-row fragments)."""
+        return self.warps * self.rows * SIMD * 4 * 2 * 4 * self.fragment_rows // FRAG_ROWS
 
     @property
     def name(self) -> str:
         default = SkinnyConfig.__dataclass_fields__
-        if (self.warps, self.rows) == (default["warps"].default, default["rows"].default):
+        if (self.warps, self.rows, self.half, self.prefetch) == (
+                default["warps"].default, default["rows"].default, False, False):
             return f"{FAMILY}:skinny"
-        return f"{FAMILY}:skinny:w{self.warps}" + (f"r{self.rows}" if self.rows != 1 else "")
+        return (f"{FAMILY}:skinny:w{self.warps}" + (f"r{self.rows}" if self.rows != 1 else "")
+                + ("h" if self.half else "") + ("p" if self.prefetch else ""))
 
     def params(self) -> dict[str, Any]:
-        return {"kernel": "skinny", "warps": self.warps, "rows": self.rows}
+        return {"kernel": "skinny", "warps": self.warps, "rows": self.rows,
+                "fragment_rows": self.fragment_rows, "prefetch": self.prefetch}
 
 
 @dataclass(frozen=True)
@@ -560,7 +588,7 @@ _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)"
     r"(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$"
 )
-_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?)?$")
+_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?(?P<h>h)?(?P<p>p)?)?$")
 _WIDE_RE = re.compile(
     r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?(?::g(?P<g>\d+))?"
     r"(?::q(?P<q>\d+))?$"
@@ -569,7 +597,7 @@ _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS]] "
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS][h][p]] "
     f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM][:gMINM][:qMAXM] "
     f"or {FAMILY}:dequant"
 )
@@ -596,7 +624,8 @@ def parse_name(name: str) -> KernelConfig:
     if m:
         if m["w"] is None:
             return SkinnyConfig()
-        return SkinnyConfig(warps=int(m["w"]), rows=int(m["r"] or 1))
+        return SkinnyConfig(warps=int(m["w"]), rows=int(m["r"] or 1), half=m["h"] is not None,
+                            prefetch=m["p"] is not None)
     m = _WIDE_RE.match(rest)
     if m:
         return WideConfig(

@@ -532,6 +532,10 @@ $weights
       sk.mma(f, pa, pb);
     }
   }
+$reduce""")
+
+# The skinny kernels' end: the warps' partial sums meet in threadgroup memory.
+_SKINNY_REDUCE = """\
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
     red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.frag.value(e);
@@ -550,16 +554,85 @@ $weights
       out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(v);
     }
   }
-""")
+"""
+
+
+_SKINNY8_BODY = Template("""\
+  // The skinny kernel with fragments of 8 weight rows (`h`): block bx computes
+  // out[by*TOK : +TOK, bx*8*RF : +8*RF], TOK = 8 * TILES. As in the 16-row
+  // form, the warps split K in super-steps of 128 and each lane reads k =
+  // step + 32c .. +31 of its row of every fragment; the layer's QmmSkinny8
+  // puts its x and weights into the matrix unit. With PREFETCH (`p`) a lane
+  // asks for the next super-step's weights before it dequantizes this one's,
+  // which the 8-row form has the registers for.
+  constexpr int W = $W;
+  constexpr int RF = $RF;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr bool PREFETCH = $PREFETCH;
+  constexpr int PACK = 32 / BITS;
+  constexpr int CW = BITS;  // 32-bit words holding 32 values
+  constexpr int PW = PACK / 2;  // pairs per word
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int n0 = bx * 8 * RF;
+  const int m0 = by * 8 * TILES;
+
+  QmmSkinny8<T, TILES, RF, BITS> sk;
+  sk.init(lane);
+  constexpr int ACC = QmmSkinny8<T, TILES, RF, BITS>::ACC;
+  $shared float red[W * ACC * $SIMD];
+  // The step's weights and their groups' terms (with PREFETCH, loaded a step ahead).
+  uint32_t wv[RF][1][CW];
+  float sv[RF][1];
+  float bv[RF][1];
+  for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
+    if (!PREFETCH || ks == int(warp) * 128) {
+$weights
+    }
+    sk.load_x(x, m0, ks, K, M);
+    uint32_t wn[RF][1][CW];
+    float sn[RF][1];
+    float bn[RF][1];
+    if (PREFETCH) {
+      const int kn = ks + W * 128;
+$next
+    }
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+      QmmDq<T, BITS> dq;
+      dq.set(sv[f][0], bv[f][0]);
+      uint32_t pw[16];
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        pw[q] = dq.pair(wv[f][0][q / PW], q % PW);
+      }
+      sk.mma(f, pw);
+    }
+    if (PREFETCH) {
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+#pragma unroll
+        for (int i = 0; i < CW; ++i) {
+          wv[f][0][i] = wn[f][0][i];
+        }
+        sv[f][0] = sn[f][0];
+        bv[f][0] = bn[f][0];
+      }
+    }
+  }
+$reduce""")
 
 
 _FRAG_WEIGHTS = """\
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // Lane (row r, chunk c): k = $k + 32c .. +31 of rows r and r + 8 of fragment f.
-        const int row = $n + 16 * f + $frag.row + 8 * h;
+      for (int h = 0; h < $H; ++h) {
+        // Lane (row r, chunk c): k = $k + 32c .. +31 of row r of fragment f, and of
+        // row r + 8 in a 16-row fragment ($H halves of 8 rows).
+        const int row = $n + $FR * f + $frag.row + 8 * h;
         const int k = $k + 32 * $frag.chunk;
         const bool live = k < K && row < N;
 #pragma unroll
@@ -773,13 +846,24 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
     if template is _WIDE_BODY:
         snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev, weights=_indent_free(
             weights.substitute(dev=dialect.dev, frag="wd.frag", n="nw", k="kl", w="wn", s="sn",
-                               b="bn", load_w="qmm_load_w")))
+                               b="bn", load_w="qmm_load_w", FR=16, H=2)))
         values = {**values, "stage": _indent_free(
             Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
+    if template in (_SKINNY_BODY, _SKINNY8_BODY):
+        values = {**values, "reduce": _indent_free(Template(_SKINNY_REDUCE).substitute(
+            SIMD=SIMD, barrier=dialect.barrier))}
     if template is _SKINNY_BODY:
         values = {**values, "weights": _indent_free(weights.substitute(
             dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv",
-            load_w="qmm_load_w_line"))}
+            load_w="qmm_load_w_line", FR=16, H=2))}
+    if template is _SKINNY8_BODY:
+        values = {**values, **{
+            key: _indent_free(weights.substitute(
+                dev=dialect.dev, frag="sk.frag", n="n0", k=k, w=w, s=s, b=b,
+                load_w="qmm_load_w_line", FR=8, H=1))
+            for key, k, w, s, b in (("weights", "ks", "wv", "sv", "bv"),
+                                    ("next", "kn", "wn", "sn", "bn"))
+        }}
     decode = Template(_DECODE_LOAD)
     snippets["loadw"] = decode.substitute(dev=dialect.dev, w="wv", s="s", b="b", k="k")
     snippets["loadn"] = decode.substitute(dev=dialect.dev, w="wn", s="sn", b="bn", k="kn")
@@ -894,6 +978,11 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
             f"qmmperf_tiled_{config.bm}x{config.bn}x{config.bk}_wm{config.wm}wn{config.wn}"
             f"k{config.splits}_b{bits}_g{group_size}_{language}"
         )
+    elif isinstance(config, SkinnyConfig) and config.half:
+        body = _render(_SKINNY8_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
+                       GS=group_size, PREFETCH="true" if config.prefetch else "false")
+        stem = (f"qmmperf_skinny_w{config.warps}r{config.rows}h{'p' if config.prefetch else ''}"
+                f"_b{bits}_g{group_size}_{language}")
     elif isinstance(config, SkinnyConfig):
         body = _render(_SKINNY_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
                        GS=group_size)

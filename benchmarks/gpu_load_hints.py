@@ -10,7 +10,7 @@ under their own names, so one process compiles every form and times them
 round by round, in alternating order, on the same operands:
 
 * ``shipped``: the layer as it is;
-* ``plain``: ``return *p``, what the compiler makes of a plain load;
+* ``plain``: ``live ? *p : zeros``, what the compiler makes of a plain load;
 * any other name in :data:`FORMS`: that PTX load in both helpers.
 
 Each case is a kernel configuration on a Llama-3.2-3B projection at one M,
@@ -50,21 +50,23 @@ CASES = (
     ("tiled:wide:w8r2m64:k2", "gate_up", 128), ("tiled:wide:w4r2m32:k4", "down", 128),
     ("tiled:wide:w8r2m64", "gate_up", 2048),
 )
-# One helper: its `uint4 v;`, the asm statement (3 lines) and `return v;`.
-_HELPER_BODY = re.compile(
-    r'  uint4 v;\n  asm\("(ld\.global\S*) [^\n]*\n(?:[^\n]*\n){2}  return v;\n')
+# The two helpers (their bodies), and the predicated load instruction in each.
+_HELPER = re.compile(r"(__device__ __forceinline__ uint4 qmm_load_w\w*"
+                     r"\(const uint4\* p, bool live\) \{\n)(.*?)(\n\}\n)", re.S)
+_LOAD = re.compile(r"(@q )(ld\.global\S*)")
 
 
 def layer_in_form(text: str, form: str) -> str:
     """The CUDA layer ``text`` with both weight-load helpers in ``form``."""
-    if len(_HELPER_BODY.findall(text)) != 2:
+    if len(_HELPER.findall(text)) != 2 or len(_LOAD.findall(text)) != 2:
         raise SystemExit("the CUDA layer's weight-load helpers changed shape; update "
                          "gpu_load_hints.py")
     if form == "shipped":
         return text
     if form == "plain":
-        return _HELPER_BODY.sub("  return *p;\n", text)
-    return _HELPER_BODY.sub(lambda m: m.group(0).replace(m.group(1), FORMS[form]), text)
+        return _HELPER.sub(lambda m: m.group(1) + "  return live ? *p : make_uint4(0u, 0u, 0u, 0u);"
+                           + m.group(3), text)
+    return _LOAD.sub(lambda m: m.group(1) + FORMS[form], text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,9 +125,9 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_load_w_line
 #define QMM_HAS_QmmMma
 
-// ld.global.nc with cache hints: plain loads.
-inline uint4 qmm_load_w(const uint4* p) { return *p; }
-inline uint4 qmm_load_w_line(const uint4* p) { return *p; }
+// Predicated ld.global.nc with cache hints: plain loads, zeros unless live.
+inline uint4 qmm_load_w(const uint4* p, bool live) { return live ? *p : uint4{0, 0, 0, 0}; }
+inline uint4 qmm_load_w_line(const uint4* p, bool live) { return qmm_load_w(p, live); }
 
 // ldmatrix .m8n8 .b16: lane l supplies row l % 8 of matrix l / 8 and receives,
 // from each matrix, row l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1.

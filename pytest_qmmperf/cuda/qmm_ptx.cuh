@@ -42,12 +42,20 @@ __device__ __forceinline__ uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c
 // 16 bytes of packed weights, read once per kernel and never written while it
 // runs: through the non-coherent path and not kept in L1 (from DRAM, the
 // decode kernel 2-4.6% and the wide kernel 1.5-1.8% faster than a plain
-// load below 2048 tokens; PERFORMANCE.md 6o, 6p).
-__device__ __forceinline__ uint4 qmm_load_w(const uint4* p) {
+// load below 2048 tokens; PERFORMANCE.md 6o, 6p). Zeros unless `live`: the
+// load is predicated in PTX, because the compiler may execute an asm
+// statement whose outputs it needs whether or not the branch around it is
+// taken (it did, reading past the weights, for tiled:skinny:w12r3hp).
+__device__ __forceinline__ uint4 qmm_load_w(const uint4* p, bool live) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("{\n"
+      "  .reg .pred q;\n"
+      "  setp.ne.b32 q, %5, 0;\n"
+      "  mov.b32 %0, 0;\n  mov.b32 %1, 0;\n  mov.b32 %2, 0;\n  mov.b32 %3, 0;\n"
+      "  @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+      : "l"(p), "r"(static_cast<int>(live)));
   return v;
 }
 
@@ -55,11 +63,16 @@ __device__ __forceinline__ uint4 qmm_load_w(const uint4* p) {
 // lanes read a row's weights in 64-byte pieces, the line's other half being
 // the next warp's (2.7-4% faster than a plain load there; the wide kernel,
 // whose loads run a super-step ahead, was 1-4% slower with it).
-__device__ __forceinline__ uint4 qmm_load_w_line(const uint4* p) {
+__device__ __forceinline__ uint4 qmm_load_w_line(const uint4* p, bool live) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("{\n"
+      "  .reg .pred q;\n"
+      "  setp.ne.b32 q, %5, 0;\n"
+      "  mov.b32 %0, 0;\n  mov.b32 %1, 0;\n  mov.b32 %2, 0;\n  mov.b32 %3, 0;\n"
+      "  @q ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+      : "l"(p), "r"(static_cast<int>(live)));
   return v;
 }
 

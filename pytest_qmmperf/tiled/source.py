@@ -265,14 +265,14 @@ $load
 """)
 
 _DECODE_LOAD = """\
-    $w[r][u] = qmm_zero4();
+    const bool live = n0 + r < N && $k + u * SPAN < K;
+    const size_t row = size_t(n0 + r);
+    $w[r][u] = qmm_load_w(
+        (const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)), live);
     $s[r][u] = 0.0f;
     $b[r][u] = 0.0f;
-    if (n0 + r < N && $k + u * SPAN < K) {
-      const size_t row = size_t(n0 + r);
+    if (live) {
       const size_t g = row * size_t(G) + size_t(($k + u * SPAN) / GS);
-      $w[r][u] = qmm_load_w(
-          (const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)));
       $s[r][u] = float(scales[g]);
       $b[r][u] = float(biases[g]);
     }"""
@@ -637,11 +637,8 @@ _FRAG_WEIGHTS = """\
         const bool live = k < K && row < N;
 #pragma unroll
         for (int i = 0; i < CW; i += 4) {
-          uint4 v = qmm_zero4();
-          if (live) {
-            v = $load_w(
-                (const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)));
-          }
+          const uint4 v = $load_w(
+              (const ${dev}uint4*)(w + size_t(row) * size_t(KW) + size_t(k / PACK + i)), live);
           $w[f][h][i] = qmm_word(v, 0);
           $w[f][h][i + 1] = qmm_word(v, 1);
           $w[f][h][i + 2] = qmm_word(v, 2);

@@ -2,16 +2,18 @@
 
     python benchmarks/gpu_load_hints.py --forms plain,shipped --out results/load_hints
 
-The CUDA layer reads packed weights through two helpers (``qmm_load_w``,
-and ``qmm_load_w_line`` for the skinny kernel), each one inline-PTX load
-with cache hints.  Each form below rewrites both helpers in the generated
+The CUDA layer reads packed weights through three helpers (``qmm_load_w``
+for the wide kernel, ``qmm_load_w_line`` for the skinny kernel, both
+predicated, and ``qmm_load_w_guarded`` for the decode kernel), each one
+inline-PTX load with cache hints.  Each form below rewrites every helper in the generated
 source (the Metal layer's are plain loads either way) and yields kernels
 under their own names, so one process compiles every form and times them
 round by round, in alternating order, on the same operands:
 
 * ``shipped``: the layer as it is;
-* ``plain``: ``live ? *p : zeros``, what the compiler makes of a plain load;
-* any other name in :data:`FORMS`: that PTX load in both helpers.
+* ``plain``: ``live ? *p : zeros`` (``*p`` in the guarded helper), what the
+  compiler makes of a plain load;
+* any other name in :data:`FORMS`: that PTX load in every helper.
 
 Each case is a kernel configuration on a Llama-3.2-3B projection at one M,
 timed like ``gpu_tiles.py`` (CuPy's NVRTC, a replayed CUDA graph of 50 or more
@@ -50,22 +52,24 @@ CASES = (
     ("tiled:wide:w8r2m64:k2", "gate_up", 128), ("tiled:wide:w4r2m32:k4", "down", 128),
     ("tiled:wide:w8r2m64", "gate_up", 2048),
 )
-# The two helpers (their bodies), and the predicated load instruction in each.
+# The helpers (their bodies), and the load instruction in each: two predicated, one
+# guarded by its caller.
 _HELPER = re.compile(r"(__device__ __forceinline__ uint4 qmm_load_w\w*"
-                     r"\(const uint4\* p, bool live\) \{\n)(.*?)(\n\}\n)", re.S)
-_LOAD = re.compile(r"(@q )(ld\.global\S*)")
+                     r"\(const uint4\* p(?P<live>, bool live)?\) \{\n)(.*?)(\n\}\n)", re.S)
+_LOAD = re.compile(r"(@q |asm volatile\(\")(ld\.global\S*)")
 
 
 def layer_in_form(text: str, form: str) -> str:
-    """The CUDA layer ``text`` with both weight-load helpers in ``form``."""
-    if len(_HELPER.findall(text)) != 2 or len(_LOAD.findall(text)) != 2:
+    """The CUDA layer ``text`` with every weight-load helper in ``form``."""
+    if len(_HELPER.findall(text)) != 3 or len(_LOAD.findall(text)) != 3:
         raise SystemExit("the CUDA layer's weight-load helpers changed shape; update "
                          "gpu_load_hints.py")
     if form == "shipped":
         return text
     if form == "plain":
-        return _HELPER.sub(lambda m: m.group(1) + "  return live ? *p : make_uint4(0u, 0u, 0u, 0u);"
-                           + m.group(3), text)
+        return _HELPER.sub(
+            lambda m: m.group(1) + ("  return live ? *p : make_uint4(0u, 0u, 0u, 0u);"
+                                    if m.group("live") else "  return *p;") + m.group(4), text)
     return _LOAD.sub(lambda m: m.group(1) + FORMS[form], text)
 
 

@@ -35,13 +35,15 @@ def test_load_hint_forms_rewrite_both_weight_loads() -> None:
 
     plain = gpu_load_hints.layer_in_form(layer, "plain")
     assert plain.count("return live ? *p : make_uint4(0u, 0u, 0u, 0u);") == 2
+    assert plain.count("return *p;") == 1
     assert "ld.global" not in plain
 
     wide = gpu_load_hints.layer_in_form(layer, "l2_256")
     loads = [line.strip() for line in wide.splitlines() if "ld.global" in line]
     assert loads == [
         '"  @q ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\\n"'
-    ] * 2
+    ] * 2 + ['asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, '
+             '[%4];\\n"']
 
 
 def test_load_hint_forms_refuse_a_changed_layer() -> None:

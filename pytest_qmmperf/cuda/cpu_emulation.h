@@ -123,11 +123,13 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_hfma2
 #define QMM_HAS_qmm_load_w
 #define QMM_HAS_qmm_load_w_line
+#define QMM_HAS_qmm_load_w_guarded
 #define QMM_HAS_QmmMma
 
 // Predicated ld.global.nc with cache hints: plain loads, zeros unless live.
 inline uint4 qmm_load_w(const uint4* p, bool live) { return live ? *p : uint4{0, 0, 0, 0}; }
 inline uint4 qmm_load_w_line(const uint4* p, bool live) { return qmm_load_w(p, live); }
+inline uint4 qmm_load_w_guarded(const uint4* p) { return *p; }
 
 // ldmatrix .m8n8 .b16: lane l supplies row l % 8 of matrix l / 8 and receives,
 // from each matrix, row l / 4 at columns 2 (l % 4) and 2 (l % 4) + 1.

@@ -43,9 +43,9 @@ __device__ __forceinline__ uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c
 // runs: through the non-coherent path and not kept in L1 (from DRAM, the
 // decode kernel 2-4.6% and the wide kernel 1.5-1.8% faster than a plain
 // load below 2048 tokens; PERFORMANCE.md 6o, 6p). Zeros unless `live`: the
-// load is predicated in PTX, because the compiler may execute an asm
-// statement whose outputs it needs whether or not the branch around it is
-// taken (it did, reading past the weights, for tiled:skinny:w12r3hp).
+// load is predicated in PTX. A plain asm statement inside `if (live)` is not
+// enough: the compiler may execute it whether or not the branch is taken (it
+// did, reading past the weights, for tiled:skinny:w12r3hp).
 __device__ __forceinline__ uint4 qmm_load_w(const uint4* p, bool live) {
   uint4 v;
   asm("{\n"
@@ -73,6 +73,18 @@ __device__ __forceinline__ uint4 qmm_load_w_line(const uint4* p, bool live) {
       "}\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p), "r"(static_cast<int>(live)));
+  return v;
+}
+
+// qmm_load_w's load for use inside the caller's own guard: volatile, so that
+// it stays in its branch. The decode kernel's loads take this form (the
+// predicated one cost it up to 7%, PERFORMANCE.md 6p); the skinny and wide
+// kernels' are 1-5% faster predicated.
+__device__ __forceinline__ uint4 qmm_load_w_guarded(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 

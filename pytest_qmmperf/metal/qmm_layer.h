@@ -39,8 +39,9 @@ inline uint4 qmm_zero4() {
   return uint4(0u);
 }
 
-// 16 bytes of packed weights, zeros unless `live`. The CUDA layer adds cache
-// hints to these two loads; Metal has none to give, so both are plain loads.
+// 16 bytes of packed weights, zeros unless `live` (or, guarded, inside the
+// caller's own branch). The CUDA layer adds cache hints to these loads;
+// Metal has none to give, so they are plain loads.
 inline uint4 qmm_load_w(const device uint4* p, bool live) {
   uint4 v = uint4(0u);
   if (live) {
@@ -51,6 +52,10 @@ inline uint4 qmm_load_w(const device uint4* p, bool live) {
 
 inline uint4 qmm_load_w_line(const device uint4* p, bool live) {
   return qmm_load_w(p, live);
+}
+
+inline uint4 qmm_load_w_guarded(const device uint4* p) {
+  return *p;
 }
 
 inline uint32_t qmm_word(thread const uint4& v, int i) {

@@ -265,14 +265,14 @@ $load
 """)
 
 _DECODE_LOAD = """\
-    const bool live = n0 + r < N && $k + u * SPAN < K;
-    const size_t row = size_t(n0 + r);
-    $w[r][u] = qmm_load_w(
-        (const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)), live);
+    $w[r][u] = qmm_zero4();
     $s[r][u] = 0.0f;
     $b[r][u] = 0.0f;
-    if (live) {
+    if (n0 + r < N && $k + u * SPAN < K) {
+      const size_t row = size_t(n0 + r);
       const size_t g = row * size_t(G) + size_t(($k + u * SPAN) / GS);
+      $w[r][u] = qmm_load_w_guarded(
+          (const ${dev}uint4*)(w + row * size_t(KW) + size_t(($k + u * SPAN) / PACK)));
       $s[r][u] = float(scales[g]);
       $b[r][u] = float(biases[g]);
     }"""

@@ -13,6 +13,7 @@ Each part skips, naming what is missing, when its tool is not installed.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -31,6 +32,7 @@ from pytest_qmmperf.tiled import (
 )
 from pytest_qmmperf.tiled import emulate as emu
 from pytest_qmmperf.tiled.config import REGISTERS_PER_BLOCK
+from pytest_qmmperf.tiled.source import PACKAGE
 from pytest_qmmperf.workloads.qmm import QmmSpec, check_output, make_inputs, relative_error
 
 #: The presets and the extra tiles the GPU benchmark tries.
@@ -171,6 +173,18 @@ def test_every_generated_cuda_kernel_compiles_without_spills(tmp_path):
         # launchable: a block's registers fit the SM's 64K (what the validator estimates)
         assert k.registers * config.threads <= REGISTERS_PER_BLOCK, (name, k.registers)
         assert result.kernel(name, "sm_80").registers > 0
+
+
+def test_every_asm_load_of_the_cuda_layer_is_predicated_or_volatile():
+    # A plain asm statement inside `if (live)` may run whether or not the branch is
+    # taken: ptxas made one unconditional and read past the weights (PERFORMANCE.md 6q).
+    text = (PACKAGE / "cuda" / "qmm_ptx.cuh").read_text()
+    statements = re.findall(r"asm(\s+volatile)?\((.*?)\);", text, re.S)
+    loads = [(volatile, body) for volatile, body in statements if re.search(r"\bld[.m]", body)]
+    assert len(loads) >= 5  # ldmatrix x2, x4 and the three weight loads
+    for volatile, body in loads:
+        for instruction in re.findall(r'"[^"]*\bld[.m][^"]*"', body):
+            assert volatile or "@" in instruction, instruction
 
 
 @needs_nvcc

@@ -8,7 +8,8 @@ supplies the few tokens that differ (address spaces, barrier, thread
 indices) and its language's layer header supplies the fragment matrix
 multiply, so the Metal kernel and its CUDA mirror cannot drift apart.
 
-Both kernels read ``x`` (M, K), the packed weight ``w`` (N, K*bits/32) as
+Both kernels read ``x`` (..., K), its leading dimensions together the M
+rows, the packed weight ``w`` (N, K*bits/32) as
 ``mx.quantize`` writes it (uint32 words, value ``j`` of a word at bits
 ``j*bits``), and ``scales``/``biases`` (N, K/group_size) in the activation
 dtype, and write ``out`` (M, N) = ``x @ dequantize(w).T`` accumulated in

@@ -486,19 +486,8 @@ _SKINNY_BODY = Template("""\
   // unit, in an order of k that both operands share (a sum over k does not
   // care). The warps' partial sums meet in threadgroup memory, where the
   // warps share out adding them up and writing out.
-  constexpr int W = $W;
-  constexpr int RF = $RF;
-  constexpr int BITS = $BITS;
-  constexpr int GS = $GS;
-  constexpr int PACK = 32 / BITS;
-  constexpr int CW = BITS;  // 32-bit words holding 32 values
-  constexpr int PW = PACK / 2;  // pairs per word
+$head
   constexpr int ACC = 4 * TILES * RF;
-$prologue
-  const int KW = K / PACK;
-  const int G = K / GS;
-  const int n0 = bx * 16 * RF;
-  const int m0 = by * 8 * TILES;
 
   QmmSkinny<T, TILES, RF, BITS> sk;
   sk.init(lane);
@@ -535,6 +524,22 @@ $weights
   }
 $reduce""")
 
+# The skinny kernels' start: parameters, thread indices, and block bx's first
+# weight row (fragments of $FR rows) and by's first token.
+_SKINNY_HEAD = """\
+  constexpr int W = $W;
+  constexpr int RF = $RF;
+  constexpr int BITS = $BITS;
+  constexpr int GS = $GS;
+  constexpr int PACK = 32 / BITS;
+  constexpr int CW = BITS;  // 32-bit words holding 32 values
+  constexpr int PW = PACK / 2;  // pairs per word
+$prologue
+  const int KW = K / PACK;
+  const int G = K / GS;
+  const int n0 = bx * $FR * RF;
+  const int m0 = by * 8 * TILES;"""
+
 # The skinny kernels' end: the warps' partial sums meet in threadgroup memory.
 _SKINNY_REDUCE = """\
 #pragma unroll
@@ -566,19 +571,8 @@ _SKINNY8_BODY = Template("""\
   // puts its x and weights into the matrix unit. With PREFETCH (`p`) a lane
   // asks for the next super-step's weights before it dequantizes this one's,
   // which the 8-row form has the registers for.
-  constexpr int W = $W;
-  constexpr int RF = $RF;
-  constexpr int BITS = $BITS;
-  constexpr int GS = $GS;
+$head
   constexpr bool PREFETCH = $PREFETCH;
-  constexpr int PACK = 32 / BITS;
-  constexpr int CW = BITS;  // 32-bit words holding 32 values
-  constexpr int PW = PACK / 2;  // pairs per word
-$prologue
-  const int KW = K / PACK;
-  const int G = K / GS;
-  const int n0 = bx * 8 * RF;
-  const int m0 = by * 8 * TILES;
 
   QmmSkinny8<T, TILES, RF, BITS> sk;
   sk.init(lane);
@@ -849,7 +843,9 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
             Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
     if template in (_SKINNY_BODY, _SKINNY8_BODY):
         values = {**values, "reduce": _indent_free(Template(_SKINNY_REDUCE).substitute(
-            SIMD=SIMD, barrier=dialect.barrier))}
+            SIMD=SIMD, barrier=dialect.barrier)), "head": Template(_SKINNY_HEAD).substitute(
+            values, prologue=_indent_free(dialect.prologue),
+            FR=8 if template is _SKINNY8_BODY else 16)}
     if template is _SKINNY_BODY:
         values = {**values, "weights": _indent_free(weights.substitute(
             dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv",

@@ -115,7 +115,7 @@ class TiledQmm:
 
     def kernel_for(self, M: int) -> KernelConfig | None:
         """The configuration that runs M rows; ``None``: MLX's ``quantized_matmul`` does."""
-        if isinstance(self.config, WideConfig) and M <= self.config.mlx_max_m:
+        if M <= self._mlx_max_m:
             return None
         if not isinstance(self.config, (TileConfig, WideConfig)):
             return self.config

@@ -13,7 +13,10 @@ round by round, in alternating order, on the same operands:
 * ``shipped``: the layer as it is;
 * ``plain``: ``live ? *p : zeros`` (``*p`` in the guarded helper), what the
   compiler makes of a plain load;
-* any other name in :data:`FORMS`: that PTX load in every helper.
+* any other name in :data:`FORMS`: that PTX load in every helper;
+* any of these followed by ``+`` and a name in :data:`X_FORMS`: in
+  addition, the skinny kernels' activation loads (``qmm_skinny_x``, plain
+  loads as shipped) through that PTX load, volatile inside their guard.
 
 Each case is a kernel configuration on a Llama-3.2-3B projection at one M,
 timed like ``gpu_tiles.py`` (CuPy's NVRTC, a replayed CUDA graph of 50 or more
@@ -44,10 +47,17 @@ FORMS = {
     "l2_256": "ld.global.nc.L1::no_allocate.L2::256B.v4.u32",
     "g_256": "ld.global.L2::256B.v4.u32",
 }
+#: The skinny kernels' activation loads (read by every block: x stays in L2).
+X_FORMS = {
+    "x_nc": "ld.global.nc.v4.u32",
+    "x_na": "ld.global.nc.L1::no_allocate.v4.u32",
+    "x_el": "ld.global.nc.L1::evict_last.v4.u32",
+}
 #: (configuration, projection, M): where each kernel of the family reads weights.
 CASES = (
     *(("tiled:decode", shape, 1) for shape in ("qo", "kv", "gate_up", "down")),
-    ("tiled:skinny:w16r2", "down", 16), ("tiled:skinny:w8r2", "gate_up", 16),
+    ("tiled:skinny:w16r2", "down", 16), ("tiled:skinny:w16r3h", "down", 16),
+    ("tiled:skinny:w8r2", "gate_up", 16),
     ("tiled:skinny:w16r2", "down", 8), ("tiled:skinny:w8r2", "qo", 16),
     ("tiled:wide:w8r2m64:k2", "gate_up", 128), ("tiled:wide:w4r2m32:k4", "down", 128),
     ("tiled:wide:w8r2m64", "gate_up", 2048),
@@ -59,19 +69,37 @@ _HELPER = re.compile(r"(__device__ __forceinline__ uint4 qmm_load_w\w*"
 _LOAD = re.compile(r"(@q |asm volatile\(\")(ld\.global\S*)")
 
 
+_X_LOAD = "v = *reinterpret_cast<const uint4*>(x + "
+
+
 def layer_in_form(text: str, form: str) -> str:
-    """The CUDA layer ``text`` with every weight-load helper in ``form``."""
+    """The CUDA layer ``text`` with every weight-load helper in ``form`` (``W[+X]``)."""
+    form, _, x_form = form.partition("+")
     if len(_HELPER.findall(text)) != 3 or len(_LOAD.findall(text)) != 3:
         raise SystemExit("the CUDA layer's weight-load helpers changed shape; update "
                          "gpu_load_hints.py")
-    if form == "shipped":
-        return text
     if form == "plain":
-        return _HELPER.sub(
+        text = _HELPER.sub(
             lambda m: m.group(1) + ("  return live ? *p : make_uint4(0u, 0u, 0u, 0u);"
                                     if m.group("live") else "  return *p;") + m.group(4), text)
-    return _LOAD.sub(lambda m: m.group(1) + FORMS[form], text)
-
+    elif form != "shipped":
+        text = _LOAD.sub(lambda m: m.group(1) + FORMS[form], text)
+    if not x_form:
+        return text
+    if text.count(_X_LOAD) != 1 or "void qmm_skinny_x" not in text:
+        raise SystemExit("the skinny kernels' x load changed shape; update gpu_load_hints.py")
+    helper = ("__device__ __forceinline__ uint4 qmm_load_x_form(const uint4* p) {\n"
+              "  uint4 v;\n"
+              f'  asm volatile("{X_FORMS[x_form]} {{%0, %1, %2, %3}}, [%4];\\n"\n'
+              '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));\n'
+              "  return v;\n}\n\n")
+    at = text.index("template <typename T, int TILES, int BITS>\n__device__ __forceinline__ "
+                    "void qmm_skinny_x")
+    text = (text[:at] + helper + text[at:]).replace(
+        _X_LOAD, "v = qmm_load_x_form(reinterpret_cast<const uint4*>(x + ")
+    # The statement needs one more closing parenthesis.
+    return re.sub(r"(qmm_load_x_form\(reinterpret_cast<const uint4\*>\([^;]*?\)\));",
+                  r"\1);", text, count=1, flags=re.S)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("load_hints_out"))
     args = parser.parse_args(argv)
     forms = [f for f in args.forms.split(",") if f]
-    unknown = [f for f in forms if f not in ("plain", "shipped", *FORMS)]
+    unknown = [f for f in forms if f.partition("+")[0] not in ("plain", "shipped", *FORMS)
+               or f.partition("+")[2] not in ("", *X_FORMS)]
     if unknown or not forms:
         parser.error(f"--forms {args.forms!r}: accepted are plain, shipped, "
-                     + ", ".join(FORMS))
+                     + ", ".join(FORMS) + ", each optionally +" + ", +".join(X_FORMS))
     cases = [c for c in CASES if args.names is None or c[0] in args.names]
     if not cases:
         parser.error(f"--names {args.names}: accepted are "

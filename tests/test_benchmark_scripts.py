@@ -46,6 +46,19 @@ def test_load_hint_forms_rewrite_both_weight_loads() -> None:
              '[%4];\\n"']
 
 
+def test_load_hint_x_forms_route_the_skinny_x_load_through_one_volatile_load() -> None:
+    layer = source.DIALECTS["cuda"].layer()
+    both = gpu_load_hints.layer_in_form(layer, "l2_256+x_na")
+    # The weight helpers as in "l2_256", plus one new helper for x.
+    assert both.count("L2::256B") == 3
+    assert both.count('asm volatile("ld.global.nc.L1::no_allocate.v4.u32') == 1
+    assert "v = *reinterpret_cast<const uint4*>(x + " not in both
+    call = both[both.index("v = qmm_load_x_form("):]
+    statement = call[:call.index(";") + 1]
+    assert statement.count("(") == statement.count(")")
+    assert both.index("uint4 qmm_load_x_form(") < both.index("void qmm_skinny_x")
+
+
 def test_load_hint_forms_refuse_a_changed_layer() -> None:
     with pytest.raises(SystemExit, match="weight-load helpers changed shape"):
         gpu_load_hints.layer_in_form("// no helpers here\n", "plain")

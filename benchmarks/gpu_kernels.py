@@ -326,6 +326,16 @@ using Shape = const int*;
 """
 
 
+def cupy_arch() -> str:
+    """NVRTC's target for this GPU as MLX compiles for it: the architecture-specific
+    ``sm_90a`` on Hopper and later (wgmma), else ``sm_XY``. CuPy's own default,
+    ``compute_XY``, would leave the wide kernel's wgmma out."""
+    import cupy as cp
+
+    major, minor = cp.cuda.Device().compute_capability[:-1], cp.cuda.Device().compute_capability[-1]
+    return f"--gpu-architecture=sm_{major}{minor}" + ("a" if int(major) >= 9 else "")
+
+
 def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
                 group_size: int = 64) -> Any:
     """The generated CUDA kernel ``name`` for an (M, K) x (N, K) problem, through CuPy (fp16).
@@ -352,7 +362,7 @@ def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,
     code = cuda.translation_unit(src, dtype="float16", template=template,
                                  default_header=CUPY_HEADER)
     fname = "mlx::core::cu::" + cuda.kernel_name(src, template)
-    fn = cp.RawModule(code=code, options=("--std=c++17",),
+    fn = cp.RawModule(code=code, options=("--std=c++17", cupy_arch()),
                       name_expressions=[fname]).get_function(fname)
 
     grid, tg = geometry(config, M, N)

@@ -293,6 +293,13 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, splits=2), 8, 32, "bflo
                  QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(WideConfig(1, 3, 8, splits=4), 8, 128, "float16"),
                  QmmSpec(M=9, N=50, K=256, bits=8, group_size=128)))
+# wide at 64 tokens (wgmma on Hopper, two warpgroups): two token blocks, the second partial, more
+# super-steps than the three x buffers, the last one partial; and more parts of K
+# than super-steps, whose empty parts write zeros
+EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=2), 4, 32, "bfloat16"),
+                 QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=4), 8, 64, "float16"),
+                 QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
 # the dequant kernel (checked against mx.dequantize): every bit width and dtype,
 # rows of 2-4 groups, K at one group, and a row longer than a block's threads
 for _bits, _gs, _dtype, _N, _K in ((4, 64, "float16", 5, 320), (8, 32, "bfloat16", 3, 96),
@@ -305,12 +312,15 @@ EMULATED.append((emu.EmulatedKernel(parse_name("tiled:160x32:wm4wn1"), 4, 32, "f
                  QmmSpec(M=1, N=33, K=32, bits=4, group_size=32)))
 
 
-@pytest.fixture(scope="module", params=["metal", "cuda"])
+@pytest.fixture(scope="module", params=["metal", "cuda", "cuda-sm90a"])
 def emulator(request, tmp_path_factory):
+    """The emulation of every case; ``cuda-sm90a`` with the CUDA layer's Hopper
+    forms (the wide kernel's wgmma at 64 tokens), as NVRTC builds it on an H100."""
     if emu.compiler_reason():
         pytest.skip(emu.compiler_reason())
-    language = request.param
-    exe = emu.build([k for k, _ in EMULATED], language, tmp_path_factory.mktemp(language))
+    language, _, arch = request.param.partition("-")
+    exe = emu.build([k for k, _ in EMULATED], language,
+                    tmp_path_factory.mktemp(request.param), sm90a=arch == "sm90a")
     return language, exe
 
 
@@ -360,3 +370,28 @@ def test_emulation_catches_a_wrong_fragment_layout(language, tmp_path, monkeypat
     from pytest_qmmperf.workloads.qmm import reference
 
     assert relative_error(out, reference(spec, inputs)) > 0.5
+
+
+@needs_gxx
+def test_sm90a_emulation_runs_the_wgmma_layout(tmp_path, monkeypatch):
+    """The sm_90a build reads x where wgmma's descriptor says: swapping its two strides
+    breaks the 64-token wide kernel there, and only there."""
+    from pytest_qmmperf.tiled import source
+    from pytest_qmmperf.workloads.qmm import reference
+
+    dialect = source.DIALECTS["cuda"]
+    layer = dialect.layer()
+    call = "xb + s * TILES * 128, 128, 256,"
+    assert layer.count(call) == 1
+    monkeypatch.setattr(type(dialect), "layer",
+                        lambda self: layer.replace(call, "xb + s * TILES * 128, 256, 128,"))
+    kernel = emu.EmulatedKernel(WideConfig(8, 2, 64), 4, 64, "float16")
+    spec = QmmSpec(M=64, N=256, K=256)
+    inputs = make_inputs(spec)
+    ref = reference(spec, inputs)
+    errors = {}
+    for sm90a in (False, True):
+        exe = emu.build([kernel], "cuda", tmp_path / str(sm90a), sm90a=sm90a)
+        out = emu.run(exe, 0, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
+        errors[sm90a] = relative_error(out, ref)
+    assert errors[False] < 0.01 and errors[True] > 0.5, errors

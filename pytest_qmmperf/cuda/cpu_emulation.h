@@ -125,6 +125,13 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_load_w_line
 #define QMM_HAS_qmm_load_w_guarded
 #define QMM_HAS_QmmMma
+#define QMM_HAS_qmm_wgmma_desc
+#define QMM_HAS_qmm_wgmma_fence
+#define QMM_HAS_qmm_wgmma_commit
+#define QMM_HAS_qmm_wgmma_wait
+#define QMM_HAS_qmm_fence_async_shared
+#define QMM_HAS_qmm_fence_operand
+#define QMM_HAS_QmmWgmma
 
 // Predicated ld.global.nc with cache hints: plain loads, zeros unless live.
 inline uint4 qmm_load_w(const uint4* p, bool live) { return live ? *p : uint4{0, 0, 0, 0}; }
@@ -195,6 +202,60 @@ struct QmmMma {
       float sum = 0.0f;
       for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
       d[e] += sum;
+    }
+  }
+};
+
+// wgmma (built with -D__CUDA_ARCH_FEAT_SM90_ALL, emulate.build(sm90a=True)):
+// warp q of a warpgroup holds rows 16q .. 16q + 15 of A and of D, so each
+// warp's part is its own: D[16 x N] (+)= A[16 x 16] x B[16 x N], A from
+// the warp's registers in mma.m16n8k16's layout, B read from memory in the
+// layout the descriptor describes (8x8 core matrices of 16-byte rows; lbo
+// bytes between the two k halves, sbo between groups of 8 columns), D in
+// mma's C layout every 8 columns. It runs at once, so the fences, commits
+// and waits have nothing to order.
+inline void qmm_wgmma_fence() {}
+inline void qmm_wgmma_commit() {}
+template <int N>
+inline void qmm_wgmma_wait() {}
+inline void qmm_fence_async_shared() {}
+inline void qmm_fence_operand(float&) {}
+
+template <typename T, int N>
+struct QmmWgmma {
+  static void run(float* d, const uint32_t (&a)[4], const void* b, int lbo, int sbo,
+                  int accumulate) {
+    auto& w = qmm_emu::warp();
+    const int l = qmm_emu::lane();
+    for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+    w.sync();
+    float A[16][16];
+    for (int src = 0; src < 32; ++src) {
+      const int g = src / 4;
+      const int t = src % 4;
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = qmm_emu::elem<T>(w.a[src][0], h);
+        A[g + 8][2 * t + h] = qmm_emu::elem<T>(w.a[src][1], h);
+        A[g][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][2], h);
+        A[g + 8][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][3], h);
+      }
+    }
+    w.sync();
+    const auto* base = static_cast<const unsigned char*>(b);
+    const int g = l / 4;
+    const int t = l % 4;
+    for (int j = 0; j < N / 8; ++j) {
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >> 1) * 8;
+        const int col = 8 * j + 2 * t + (e & 1);
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) {
+          T v;
+          std::memcpy(&v, base + (col / 8) * sbo + (k / 8) * lbo + (col % 8) * 16 + (k % 8) * 2, 2);
+          sum += A[row][k] * static_cast<float>(v);
+        }
+        d[4 * j + e] = (accumulate ? d[4 * j + e] : 0.0f) + sum;
+      }
     }
   }
 };

@@ -235,11 +235,16 @@ struct QmmRowFrags {
   int g;
   int t;
 
-  __device__ __forceinline__ void init(unsigned lane) {
+  // The lane's place in the fragments, without touching the accumulators.
+  __device__ __forceinline__ void place(unsigned lane) {
     g = static_cast<int>(lane) >> 2;
     t = static_cast<int>(lane) & 3;
     row = g;
     chunk = t;
+  }
+
+  __device__ __forceinline__ void init(unsigned lane) {
+    place(lane);
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
@@ -369,59 +374,189 @@ struct QmmSkinny8 : QmmSkinny<T, TILES, RF, BITS, QmmRowFrags8<RF>> {
   }
 };
 
-// The wide kernel: QmmRowFrags, with x read back from the block's
-// threadgroup copy (token row pitch XP halves, 16-byte units placed by
-// qmm_wide_unit) for TILES 8-token fragments. Step s (of QMM_WIDE_STEPS)
-// gives m16n8k16's k slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8,
-// 2t+9 its pair 2s+1 (x words 2s and 2s+1 of the chunk), in A and B alike;
-// a lane reads 16 bytes of each token, two steps' worth, every other step.
-// The wide kernel's staged x: 16-byte unit u (0-15) of token row `row` sits
-// at unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
-// 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of
-// each) and the staging stores (8 consecutive units of a row) hit 8
-// different groups of 4 banks.
+// The wide kernel: QmmRowFrags against x staged in threadgroup memory,
+// TILES 8-token fragments. Step s (of QMM_WIDE_STEPS) gives m16n8k16's k
+// slots 2t, 2t+1 the chunk's pair 2s and slots 2t+8, 2t+9 its pair 2s+1, in
+// A (the weights, from registers) and B (x) alike. Two forms, picked at
+// compile time by qmm_wide_wgmma<TILES, W, RF>():
+//
+// - wgmma (sm_90a; 64 tokens, whole warpgroups, RF >= 2): the warpgroups multiply with
+//   Hopper's wgmma, reading x where it is staged. x's layout: per step s a
+//   16 x 64 tile of B in wgmma's canonical K-major form without swizzle:
+//   for each 8 tokens two 8x8 core matrices (k slots 0-7, then 8-15; a
+//   token's 8 slots in 16 contiguous bytes) 128 bytes apart, groups of 8
+//   tokens 256 bytes apart, steps 8 TILES x 32 bytes apart. So slots 2t,
+//   2t+1 of token n at step s are word t of row n % 8 of core matrix
+//   (n / 8, 0): pair 2s of chunk t. Three buffers, so that a super-step's
+//   wgmma run on while the block stages the next.
+// - mma.sync (elsewhere, and where wgmma measured no faster: fewer tokens
+//   or one fragment a warp, PERFORMANCE.md 6s): x rows of pitch XP halves, 16-byte unit u of
+//   a row at qmm_wide_unit(row, u); a lane reads 16 bytes of each token,
+//   two steps' worth, every other step. Two buffers.
+#define QMM_WIDE_STEPS 8
+#define QMM_WIDE_PAIRS 2
+
+// wgmma needs whole warpgroups (W, the block's warps, a multiple of 4); it
+// measured faster only with 64 tokens and two or more fragments a warp.
+template <int TILES, int W, int RF>
+__device__ __forceinline__ constexpr bool qmm_wide_wgmma() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  return TILES == 8 && W % 4 == 0 && RF >= 2;
+#else
+  return false;
+#endif
+}
+
+template <int TILES, int W, int RF>
+__device__ __forceinline__ constexpr int qmm_wide_buffers() {
+  return qmm_wide_wgmma<TILES, W, RF>() ? 3 : 2;
+}
+
+// The mma.sync form's staged x: unit u (0-15) of token row `row` sits at
+// unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
+// 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of each)
+// and the staging stores (8 consecutive units of a row) hit 8 different
+// groups of 4 banks.
 __device__ __forceinline__ int qmm_wide_unit(int row, int u) {
   return u ^ (((u >> 3) & 1) << 1) ^ (row & 1);
 }
 
-#define QMM_WIDE_STEPS 8
-#define QMM_WIDE_PAIRS 2
-template <typename T, int TILES, int RF, int XP>
+// Staging: vector i of a super-step's x (TOK x 16 of them) is unit
+// qmm_wide_col(i) of token row qmm_wide_row(i). For wgmma's layout, unit 4t +
+// j of row 8 (i / 128) + (i / 4) % 8 with t = i % 4 and j = (i / 32) % 4, so
+// that a warp's 32 stores land in 32 different banks (row % 8 and chunk t
+// pick the bank); otherwise unit i % 16 of row i / 16.
+template <int TILES, int W, int RF>
+__device__ __forceinline__ int qmm_wide_row(int i) {
+  return qmm_wide_wgmma<TILES, W, RF>() ? (((i >> 7) << 3) | ((i >> 2) & 7)) : i / 16;
+}
+
+template <int TILES, int W, int RF>
+__device__ __forceinline__ int qmm_wide_col(int i) {
+  return qmm_wide_wgmma<TILES, W, RF>() ? (((i & 3) << 2) | ((i >> 5) & 3)) : i % 16;
+}
+
+// Stores token row r's 16-byte unit u (k = 8u .. 8u + 7 of the super-step,
+// chunk u / 4) of the staged x, in pair order. In wgmma's layout its word w
+// is the chunk's pair 4 (u % 4) + w: step 2 (u % 4) + w / 2, k-slot half w % 2.
+template <typename T, int BITS, int TILES, int W, int RF, int XP>
+__device__ __forceinline__ void qmm_wide_stage(T* xb, int r, int u, const uint4& v) {
+  const uint4 p = qmm_pair_order<BITS>(v);
+  if constexpr (qmm_wide_wgmma<TILES, W, RF>()) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(xb) + (r >> 3) * 64 + (r & 7) * 4 + (u >> 2);
+    const int s0 = 2 * (u & 3);
+    dst[s0 * TILES * 64] = p.x;
+    dst[s0 * TILES * 64 + 32] = p.y;
+    dst[(s0 + 1) * TILES * 64] = p.z;
+    dst[(s0 + 1) * TILES * 64 + 32] = p.w;
+  } else {
+    *reinterpret_cast<uint4*>(xb + r * XP + qmm_wide_unit(r, u) * 8) = p;
+  }
+}
+
+template <typename T, int TILES, int RF, int W, int XP>
 struct QmmWide {
+  static constexpr bool WG = qmm_wide_wgmma<TILES, W, RF>();
   QmmRowFrags<TILES, RF> frag;
-  uint32_t xq[TILES][4];  // x of token g + 8i, words 2s .. 2s + 3 of the chunk
-  // Unit j of chunk t of token g starts at xo + ((8j) ^ xc): qmm_wide_unit(g, 4t + j)
-  // only flips the two low bits of j (tokens g + 8i: 8i rows further, same parity).
+  // wgmma: 1 until a step has run. The first wgmma then ignores the
+  // accumulators instead of adding to zeros that other instructions wrote
+  // (ptxas would serialize every wgmma of the kernel for those); finish()
+  // zeros them if no step ran at all.
+  int fresh;
+  // mma.sync: x of token g + 8i, words 2s .. 2s + 3 of the chunk; unit j of
+  // chunk t of token g starts at xo + ((8j) ^ xc): qmm_wide_unit(g, 4t + j)
+  // only flips the two low bits of j (tokens g + 8i: 8i rows further, same
+  // parity).
+  uint32_t xq[WG ? 1 : TILES][4];
   int xo;
   int xc;
 
   __device__ __forceinline__ void init(unsigned lane) {
-    frag.init(lane);
-    xo = frag.g * XP + 32 * frag.t;
-    xc = (qmm_wide_unit(frag.g, 4 * frag.t) - 4 * frag.t) * 8;
+    if constexpr (WG) {
+      frag.place(lane);
+      fresh = 1;
+    } else {
+      frag.init(lane);
+      xo = frag.g * XP + 32 * frag.t;
+      xc = (qmm_wide_unit(frag.g, 4 * frag.t) - 4 * frag.t) * 8;
+    }
   }
 
-  __device__ __forceinline__ void load_x(const T* xs, int s) {
-    if ((s & 1) == 0) {
-#pragma unroll
-      for (int i = 0; i < TILES; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(xs + xo + (((s / 2) * 8) ^ xc) + 8 * i * XP);
-        xq[i][0] = v.x;
-        xq[i][1] = v.y;
-        xq[i][2] = v.z;
-        xq[i][3] = v.w;
+  // After staging a super-step's x, before the barrier. wgmma: the stores
+  // are made visible to it, and this warpgroup's wgmma of the super-step
+  // before last are done (the last one's QMM_WIDE_STEPS groups may run on),
+  // so past the barrier none reads the buffer the next super-step stages
+  // into (waiting only before that staging would leave the other
+  // warpgroup's wgmma reading it).
+  __device__ __forceinline__ void staged() {
+    if constexpr (WG) {
+      qmm_fence_async_shared();
+      qmm_wgmma_wait<QMM_WIDE_STEPS>();
+    }
+  }
+
+  // Before reading the accumulators.
+  __device__ __forceinline__ void finish() {
+    if constexpr (WG) {
+      qmm_wgmma_wait<0>();
+      fence_acc();
+      if (fresh) {
+        frag.init(frag.g * 4 + frag.t);
       }
     }
   }
 
-  // Fragment f at step s; pa/pb: pairs 2s and 2s+1 of its weight rows g and g + 8, packed T.
-  __device__ __forceinline__ void mma(int f, int s, const uint32_t (&pa)[2],
-                                      const uint32_t (&pb)[2]) {
-    const uint32_t a[4] = {pa[0], pb[0], pa[1], pb[1]};
+  // Keeps the compiler from moving the accumulators of running wgmma.
+  __device__ __forceinline__ void fence_acc() {
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-      const uint32_t b[2] = {xq[i][2 * (s & 1)], xq[i][2 * (s & 1) + 1]};
-      QmmMma<T>::run(frag.acc[f][i], a, b);
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          qmm_fence_operand(frag.acc[f][i][e]);
+        }
+      }
+    }
+  }
+
+  // Step s against the staged x xb; pa/pb: pairs 2s and 2s+1 of every
+  // fragment's weight rows g and g + 8, packed T.
+  __device__ __forceinline__ void mma(const T* xb, int s, const uint32_t (&pa)[RF][2],
+                                      const uint32_t (&pb)[RF][2]) {
+    if constexpr (WG) {
+      fence_acc();
+      qmm_wgmma_fence();
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+        const uint32_t a[4] = {pa[f][0], pb[f][0], pa[f][1], pb[f][1]};
+        QmmWgmma<T, 8 * TILES>::run(&frag.acc[f][0][0], a, xb + s * TILES * 128, 128, 256,
+                                    1 - fresh);
+      }
+      qmm_wgmma_commit();
+      fresh = 0;
+      fence_acc();
+    } else {
+      if ((s & 1) == 0) {
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+          const uint4 v =
+              *reinterpret_cast<const uint4*>(xb + xo + (((s / 2) * 8) ^ xc) + 8 * i * XP);
+          xq[i][0] = v.x;
+          xq[i][1] = v.y;
+          xq[i][2] = v.z;
+          xq[i][3] = v.w;
+        }
+      }
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+        const uint32_t a[4] = {pa[f][0], pb[f][0], pa[f][1], pb[f][1]};
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+          const uint32_t b[2] = {xq[i][2 * (s & 1)], xq[i][2 * (s & 1) + 1]};
+          QmmMma<T>::run(frag.acc[f][i], a, b);
+        }
+      }
     }
   }
 };

@@ -1,9 +1,9 @@
 // qmmperf tiled QMM: the tensor-core instructions of the CUDA layer, as inline PTX.
 //
 // ldmatrix, mma.sync m16n8k16 (sm_80 and newer, f16 or bf16 in, f32
-// accumulate) and a packed-half FMA. Kept apart from qmm_layer.cuh so that a
-// CPU emulation of these functions can run the rest of the generated source
-// unchanged.
+// accumulate), Hopper's wgmma (sm_90a) and a packed-half FMA. Kept apart
+// from qmm_layer.cuh so that a CPU emulation of these functions can run the
+// rest of the generated source unchanged.
 
 #ifndef QMMPERF_CUDA_QMM_PTX
 #define QMMPERF_CUDA_QMM_PTX
@@ -116,4 +116,122 @@ struct QmmMma<__nv_bfloat16> {
   }
 };
 
+// Hopper's warpgroup MMA (wgmma, sm_90a): D[64 x N] += A[64 x 16] x B[16 x N]
+// in float, issued by the four warps of a warpgroup together. Warp q of the
+// warpgroup holds rows 16q .. 16q + 15 of A in registers, in mma.m16n8k16's
+// A layout, and of D in its C layout repeated every 8 columns (d[4j + e] is
+// mma's c[e] of columns 8j .. 8j + 7); B (k x N, each column's 16 k
+// contiguous: "K-major") is read from shared memory through a descriptor.
+// The instructions exist only on sm_90a: callers use them under
+// __CUDA_ARCH_FEAT_SM90_ALL, and everything here is empty elsewhere.
+
+// B's descriptor: 8x8 core matrices (8 columns x 8 k, 16 contiguous bytes a
+// column), no swizzle; lbo bytes between the two core matrices of a column
+// group's 16 k, sbo bytes between groups of 8 columns.
+__device__ __forceinline__ unsigned long long qmm_wgmma_desc(const void* p, int lbo, int sbo) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  return static_cast<unsigned long long>((qmm_smem_addr(p) >> 4) & 0x3FFFu) |
+      (static_cast<unsigned long long>((lbo >> 4) & 0x3FFF) << 16) |
+      (static_cast<unsigned long long>((sbo >> 4) & 0x3FFF) << 32);
+#else
+  return 0;
+#endif
+}
+
+// Orders this thread's register writes before the wgmma that reads them.
+__device__ __forceinline__ void qmm_wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Closes the group of wgmma issued since the last commit.
+__device__ __forceinline__ void qmm_wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N committed groups are still running.
+template <int N>
+__device__ __forceinline__ void qmm_wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving or copying an accumulator of running
+// wgmma (which would make ptxas serialize them).
+__device__ __forceinline__ void qmm_fence_operand(float& r) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("" : "+f"(r)::"memory");
+#endif
+}
+
+// Makes this thread's shared-memory stores visible to wgmma's reads (the
+// async proxy); a barrier then covers the other threads'.
+__device__ __forceinline__ void qmm_fence_async_shared() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+template <typename T>
+struct QmmIsHalf {
+  static constexpr bool value = false;
+};
+
+template <>
+struct QmmIsHalf<__half> {
+  static constexpr bool value = true;
+};
+
+// wgmma with N columns (64 is the one the family uses): d holds this thread's
+// N / 2 accumulators, a its A fragment, b points at B in shared memory (lbo,
+// sbo as for qmm_wgmma_desc); with accumulate 0 the old d is ignored.
+template <typename T, int N>
+struct QmmWgmma;
+
+template <typename T>
+struct QmmWgmma<T, 64> {
+  __device__ __forceinline__ static void run(float* d, const uint32_t (&a)[4], const void* b,
+                                             int lbo, int sbo, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const unsigned long long desc = qmm_wgmma_desc(b, lbo, sbo);
+    if constexpr (QmmIsHalf<T>::value) {
+      asm volatile(
+          "{\n  .reg .pred p;\n  setp.ne.b32 p, %37, 0;\n"
+          "  wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7,"
+          " %8, %9, %10, %11, %12, %13, %14, %15,"
+          " %16, %17, %18, %19, %20, %21, %22, %23,"
+          " %24, %25, %26, %27, %28, %29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+            "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+            "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+            "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+            "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+            "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    } else {
+      asm volatile(
+          "{\n  .reg .pred p;\n  setp.ne.b32 p, %37, 0;\n"
+          "  wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7,"
+          " %8, %9, %10, %11, %12, %13, %14, %15,"
+          " %16, %17, %18, %19, %20, %21, %22, %23,"
+          " %24, %25, %26, %27, %28, %29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+            "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+            "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+            "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+            "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+            "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    }
+#endif
+  }
+};
 #endif  // QMMPERF_CUDA_QMM_PTX

@@ -401,17 +401,40 @@ struct QmmSkinny8 : QmmSkinny<T, TILES, RF, BITS, QmmRowFrags8<TILES, RF>> {
 // r % 2 of pair s of chunk r / 2, which lane (fm, fn) reads for its tokens
 // fn and fn + 1.
 // The wide kernel's staged x: 16-byte unit u (0-15) of token row `row` sits
-// at unit qmm_wide_unit(row, u) of the row, so that each quarter-warp's
-// 16-byte fragment reads (rows g, g + 1; chunks 0-3, the same unit of
-// each) and the staging stores (8 consecutive units of a row) hit 8
-// different groups of 4 banks.
+// at unit qmm_wide_unit(row, u) of the row, so that the staging stores (8
+// consecutive units of a row) hit 8 different groups of 4 banks.
 inline int qmm_wide_unit(int row, int u) {
   return u ^ (((u >> 3) & 1) << 1) ^ (row & 1);
 }
 
+// Stores token row r's 16-byte unit u (k = 8u .. 8u + 7 of the super-step) of
+// the staged x, in pair order.
+template <typename T, int BITS, int TILES, int W, int RF, int XP>
+inline void qmm_wide_stage(threadgroup T* xb, int r, int u, thread const uint4& v) {
+  *((threadgroup uint4*)(xb + r * XP + qmm_wide_unit(r, u) * 8)) = qmm_pair_order<BITS>(v);
+}
+
+// Staging: vector i of a super-step's x (TOK x 16 of them) is unit i % 16 of
+// token row i / 16, so that a simdgroup stores two rows' 16 units.
+template <int TILES, int W, int RF>
+inline int qmm_wide_row(int i) {
+  return i / 16;
+}
+
+template <int TILES, int W, int RF>
+inline int qmm_wide_col(int i) {
+  return i % 16;
+}
+
+// Two x buffers: one staged while the other is read.
+template <int TILES, int W, int RF>
+constexpr int qmm_wide_buffers() {
+  return 2;
+}
+
 #define QMM_WIDE_STEPS 16
 #define QMM_WIDE_PAIRS 1
-template <typename T, int TILES, int RF, int XP>
+template <typename T, int TILES, int RF, int W, int XP>
 struct QmmWide {
   QmmRowFrags<TILES, RF> frag;
   float xv[TILES][2];  // tokens fn and fn + 1 of fragment i at this step's k slot fm
@@ -419,6 +442,11 @@ struct QmmWide {
   inline void init(uint lane) {
     frag.init(lane);
   }
+
+  // The CUDA layer's hooks around staging and before the store (its
+  // asynchronous matrix unit); nothing to do here.
+  inline void staged() {}
+  inline void finish() {}
 
   inline void load_x(const threadgroup T* xs, int s) {
 #pragma unroll
@@ -432,21 +460,27 @@ struct QmmWide {
     }
   }
 
-  // Fragment f at step s; pa/pb: pair s of its weight rows fm and fm + 8, packed T.
-  inline void mma(int f, int s, thread const uint32_t (&pa)[1], thread const uint32_t (&pb)[1]) {
-    simdgroup_matrix<float, 8, 8> a0;
-    simdgroup_matrix<float, 8, 8> a1;
-    a0.thread_elements()[0] = qmm_lo<T>(pa[0]);
-    a0.thread_elements()[1] = qmm_hi<T>(pa[0]);
-    a1.thread_elements()[0] = qmm_lo<T>(pb[0]);
-    a1.thread_elements()[1] = qmm_hi<T>(pb[0]);
+  // Step s against the staged x xs; pa/pb: pair s of every fragment's weight
+  // rows fm and fm + 8, packed T.
+  inline void mma(const threadgroup T* xs, int s, thread const uint32_t (&pa)[RF][1],
+                  thread const uint32_t (&pb)[RF][1]) {
+    load_x(xs, s);
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-      simdgroup_matrix<float, 8, 8> b;
-      b.thread_elements()[0] = xv[i][0];
-      b.thread_elements()[1] = xv[i][1];
-      simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
-      simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
+    for (int f = 0; f < RF; ++f) {
+      simdgroup_matrix<float, 8, 8> a0;
+      simdgroup_matrix<float, 8, 8> a1;
+      a0.thread_elements()[0] = qmm_lo<T>(pa[f][0]);
+      a0.thread_elements()[1] = qmm_hi<T>(pa[f][0]);
+      a1.thread_elements()[0] = qmm_lo<T>(pb[f][0]);
+      a1.thread_elements()[1] = qmm_hi<T>(pb[f][0]);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        simdgroup_matrix<float, 8, 8> b;
+        b.thread_elements()[0] = xv[i][0];
+        b.thread_elements()[1] = xv[i][1];
+        simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
+        simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
+      }
     }
   }
 };

@@ -448,6 +448,13 @@ class WideConfig:
     ``decode_max_m`` as for a tile; ``gemm_min_m`` hands M from there on to
     :class:`DequantConfig`'s kernel and MLX's dense matmul; ``mlx_max_m``
     hands M up to it to ``mx.quantized_matmul``.
+
+    The matrix unit is the layer's choice: on Hopper (sm_90a) a configuration
+    of 64 tokens, whole warpgroups (warps a multiple of 4) and two or more
+    fragments a warp multiplies with ``wgmma``, straight from x's staged copy
+    in wgmma's layout (three buffers, 48 KiB at 64 tokens); every other
+    configuration, and every other GPU, with ``mma.sync`` (Metal: simdgroup
+    matrices) from two buffers.
     """
 
     warps: int = 4
@@ -518,7 +525,8 @@ class WideConfig:
     @property
     def shared_bytes(self) -> int:
         """The staged activations: two buffers of ``tokens`` rows of
-        :data:`WIDE_ROW_PITCH` halves."""
+        :data:`WIDE_ROW_PITCH` halves (the CUDA layer's wgmma form takes a
+        third, inside CUDA's 48 KiB of static shared memory)."""
         return 2 * self.tokens * WIDE_ROW_PITCH * 2
 
     @property

@@ -177,14 +177,22 @@ def _element_size(kernel: EmulatedKernel) -> int:
     return 4 if output_planes(kernel.config) > 1 else 2
 
 
-def build(kernels: Sequence[EmulatedKernel], language: str, workdir: Path) -> Path:
-    """Compile the emulation program for ``kernels``; returns the executable."""
+def build(kernels: Sequence[EmulatedKernel], language: str, workdir: Path, *,
+          sm90a: bool = False) -> Path:
+    """Compile the emulation program for ``kernels``; returns the executable.
+
+    ``sm90a`` (CUDA) compiles the layer's Hopper forms, as NVRTC does for an
+    H100: the wide kernel's wgmma path, against the emulation's wgmma.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    source = workdir / f"emulate_{language}.cpp"
+    stem = f"emulate_{language}" + ("_sm90a" if sm90a else "")
+    source = workdir / f"{stem}.cpp"
     source.write_text(translation_unit(kernels, language))
-    exe = workdir / f"emulate_{language}"
+    exe = workdir / stem
     cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-w", f"-I{PACKAGE / language}",
            f"-I{PACKAGE / 'cuda'}", str(source), "-o", str(exe)]
+    if sm90a:
+        cmd.insert(1, "-D__CUDA_ARCH_FEAT_SM90_ALL=1")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"emulation build failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")

@@ -656,8 +656,8 @@ _WIDE_LOAD = """\
 #pragma unroll
     for (int j = 0; j < XJ; ++j) {
       const int i = int(tid) + j * THREADS;
-      const int r = i / 16;
-      const int c = (i % 16) * 8;
+      const int r = qmm_wide_row<TOK / 8, W, RF>(i);
+      const int c = qmm_wide_col<TOK / 8, W, RF>(i) * 8;
       xr[j] = qmm_zero4();
       if ((XV % THREADS == 0 || i < XV) && m0 + r < M && kl + c < K) {
         xr[j] = *((const ${dev}uint4*)(x + size_t(m0 + r) * size_t(K) + size_t(kl + c)));
@@ -671,8 +671,8 @@ _WIDE_STAGE = """\
     for (int j = 0; j < XJ; ++j) {
       const int i = int(tid) + j * THREADS;
       if (XV % THREADS == 0 || i < XV) {
-        *((${tg}uint4*)($dst + (i / 16) * XP + qmm_wide_unit(i / 16, i % 16) * 8)) =
-            qmm_pair_order<BITS>(xr[j]);
+        qmm_wide_stage<T, BITS, TOK / 8, W, RF, XP>($dst, qmm_wide_row<TOK / 8, W, RF>(i),
+                                             qmm_wide_col<TOK / 8, W, RF>(i), xr[j]);
       }
     }
 """
@@ -681,17 +681,18 @@ _WIDE_BODY = Template("""\
   // Block (bx, by) computes out[m0 : +TOK, bx*W*RF*16 : +W*RF*16] over the
   // bz-th of KS parts of K (by = bz * MB + m-block). Warp `warp` owns RF
   // fragments of 16 weight rows from nw. Per 128-k super-step the block
-  // stages x[m0 : +TOK][ks : +128] in one of two threadgroup buffers (row
-  // pitch XP; 16-byte unit u of a row at the layer's qmm_wide_unit) while
-  // the next super-step's x and weights are loaded into registers; lane
+  // stages x[m0 : +TOK][ks : +128] in one of the layer's XB threadgroup
+  // buffers (qmm_wide_stage places its 16-byte units) while the next
+  // super-step's x and weights are loaded into registers; lane
   // (row r, chunk c) of the layer's QmmWide holds k = ks + 32c .. +31 of
   // weight rows r and r + 8 of each of its fragments, dequantizes them pair
   // by pair (the layer's QmmDq: pair i of a word holds its values i and
   // i + PACK / 2) and multiplies each pair with every 8-token fragment of x
   // it reads back from threadgroup memory, where x is staged in the same
-  // pair order. The two buffers alternate, so a super-step needs one
-  // barrier (after staging). With KS > 1, out is float32
-  // (KS, M, N) and part bz writes plane bz; the caller adds the planes.
+  // pair order. The buffers (two; three for CUDA's wgmma) take turns, so
+  // a super-step needs one barrier (after staging); the layer's QmmWide
+  // picks the matrix unit. With KS > 1, out is float32 (KS, M, N) and part
+  // bz writes plane bz; the caller adds the planes.
   constexpr int W = $W;
   constexpr int RF = $RF;
   constexpr int TOK = $TOK;
@@ -717,9 +718,10 @@ $prologue
   const int kbeg = bz * PER * 128;
   const int kend = kbeg + PER * 128 < K ? kbeg + PER * 128 : K;
 
-  $shared uint4 xs_raw[2 * TOK * XP / 8];
+  constexpr int XB = qmm_wide_buffers<TOK / 8, W, RF>();  // the layer's number of x buffers
+  $shared uint4 xs_raw[XB * TOK * XP / 8];
   ${tg}T* xs = (${tg}T*)xs_raw;
-  QmmWide<T, TOK / 8, RF, XP> wd;
+  QmmWide<T, TOK / 8, RF, W, XP> wd;
   wd.init(lane);
 
   uint4 xr[XJ];
@@ -746,10 +748,12 @@ $load
       }
     }
     // x staged in pair order (the layer's qmm_pair_order), as QmmDq pairs
-    // weights, into the buffer last read two super-steps ago: the barrier
-    // of the last super-step keeps it from being overwritten while read.
+    // weights, into the buffer last read XB super-steps ago:
+    // the barrier of the last super-step (and the layer's staged()) keeps
+    // it from being overwritten while read.
     ${tg}T* xb = xs + buf * TOK * XP;
 $stage
+    wd.staged();
     $barrier;
     kl = ks + 128;
     if (kl < kend) {
@@ -759,22 +763,22 @@ $load
     // row: pair q of the chunk is pair q % PW of word q / PW.
 #pragma unroll
     for (int s = 0; s < QMM_WIDE_STEPS; ++s) {
-      wd.load_x(xb, s);
+      uint32_t pa[RF][QMM_WIDE_PAIRS];
+      uint32_t pb[RF][QMM_WIDE_PAIRS];
 #pragma unroll
       for (int f = 0; f < RF; ++f) {
-        uint32_t pa[QMM_WIDE_PAIRS];
-        uint32_t pb[QMM_WIDE_PAIRS];
 #pragma unroll
         for (int p = 0; p < QMM_WIDE_PAIRS; ++p) {
           const int q = s * QMM_WIDE_PAIRS + p;
-          pa[p] = dq[f][0].pair(wc[f][0][q / PW], q % PW);
-          pb[p] = dq[f][1].pair(wc[f][1][q / PW], q % PW);
+          pa[f][p] = dq[f][0].pair(wc[f][0][q / PW], q % PW);
+          pb[f][p] = dq[f][1].pair(wc[f][1][q / PW], q % PW);
         }
-        wd.mma(f, s, pa, pb);
       }
+      wd.mma(xb, s, pa, pb);
     }
-    buf ^= 1;
+    buf = buf + 1 == XB ? 0 : buf + 1;
   }
+  wd.finish();
   wd.frag.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
 """)
 

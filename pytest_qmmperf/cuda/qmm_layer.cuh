@@ -380,19 +380,19 @@ struct QmmSkinny8 : QmmSkinny<T, TILES, RF, BITS, QmmRowFrags8<RF>> {
 // A (the weights, from registers) and B (x) alike. Two forms, picked at
 // compile time by qmm_wide_wgmma<TILES, W, RF>():
 //
-// - wgmma (sm_90a; 64 tokens, whole warpgroups, RF >= 2): the warpgroups multiply with
-//   Hopper's wgmma, reading x where it is staged. x's layout: per step s a
-//   16 x 64 tile of B in wgmma's canonical K-major form without swizzle:
-//   for each 8 tokens two 8x8 core matrices (k slots 0-7, then 8-15; a
-//   token's 8 slots in 16 contiguous bytes) 128 bytes apart, groups of 8
-//   tokens 256 bytes apart, steps 8 TILES x 32 bytes apart. So slots 2t,
-//   2t+1 of token n at step s are word t of row n % 8 of core matrix
-//   (n / 8, 0): pair 2s of chunk t. Three buffers, so that a super-step's
-//   wgmma run on while the block stages the next.
+// - wgmma (sm_90a; 64 tokens, whole warpgroups, RF >= 2): the warpgroups
+//   multiply with Hopper's wgmma, reading x where it is staged. x's layout:
+//   per step s a 16 x 64 tile of B in wgmma's canonical K-major form
+//   without swizzle: for each 8 tokens two 8x8 core matrices (k slots 0-7,
+//   then 8-15; a token's 8 slots in 16 contiguous bytes) 128 bytes apart,
+//   groups of 8 tokens 256 bytes apart, steps 8 TILES x 32 bytes apart. So
+//   slots 2t, 2t+1 of token n at step s are word t of row n % 8 of core
+//   matrix (n / 8, 0): pair 2s of chunk t. Three buffers, so that a
+//   super-step's wgmma run on while the block stages the next.
 // - mma.sync (elsewhere, and where wgmma measured no faster: fewer tokens
-//   or one fragment a warp, PERFORMANCE.md 6s): x rows of pitch XP halves, 16-byte unit u of
-//   a row at qmm_wide_unit(row, u); a lane reads 16 bytes of each token,
-//   two steps' worth, every other step. Two buffers.
+//   or one fragment a warp, PERFORMANCE.md 6s): x rows of pitch XP halves,
+//   16-byte unit u of a row at qmm_wide_unit(row, u); a lane reads 16 bytes
+//   of each token, two steps' worth, every other step. Two buffers.
 #define QMM_WIDE_STEPS 8
 #define QMM_WIDE_PAIRS 2
 

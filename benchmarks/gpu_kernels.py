@@ -327,13 +327,14 @@ using Shape = const int*;
 
 
 def cupy_arch() -> str:
-    """NVRTC's target for this GPU as MLX compiles for it: the architecture-specific
-    ``sm_90a`` on Hopper and later (wgmma), else ``sm_XY``. CuPy's own default,
-    ``compute_XY``, would leave the wide kernel's wgmma out."""
+    """NVRTC's target for this GPU as MLX compiles for it on an H100: ``sm_90a``
+    on Hopper (PERFORMANCE.md 6s: MLX's kernels see ``__CUDA_ARCH_FEAT_SM90_ALL``),
+    else ``sm_XY``. CuPy's own default, ``compute_90``, would leave the wide
+    kernel's wgmma out."""
     import cupy as cp
 
-    major, minor = cp.cuda.Device().compute_capability[:-1], cp.cuda.Device().compute_capability[-1]
-    return f"--gpu-architecture=sm_{major}{minor}" + ("a" if int(major) >= 9 else "")
+    cc = cp.cuda.Device().compute_capability  # e.g. "90"
+    return f"--gpu-architecture=sm_{cc}" + ("a" if cc == "90" else "")
 
 
 def cupy_kernel(name: str, M: int, N: int, K: int, *, bits: int = 4,

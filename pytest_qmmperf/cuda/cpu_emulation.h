@@ -171,6 +171,22 @@ inline uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
+// The 16x16 A operand of m16n8k16 (and of a warp's slice of wgmma) from the
+// A registers every lane of the warp put in its scratch.
+template <typename T>
+inline void qmm_emu_a_matrix(float (&A)[16][16], const qmm_emu::Warp& w) {
+  for (int src = 0; src < 32; ++src) {
+    const int g = src / 4;
+    const int t = src % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = qmm_emu::elem<T>(w.a[src][0], h);
+      A[g + 8][2 * t + h] = qmm_emu::elem<T>(w.a[src][1], h);
+      A[g][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][2], h);
+      A[g + 8][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][3], h);
+    }
+  }
+}
+
 template <typename T>
 struct QmmMma {
   static void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -181,14 +197,11 @@ struct QmmMma {
     w.sync();
     float A[16][16];
     float B[16][8];
+    qmm_emu_a_matrix<T>(A, w);
     for (int src = 0; src < 32; ++src) {
       const int g = src / 4;
       const int t = src % 4;
       for (int h = 0; h < 2; ++h) {
-        A[g][2 * t + h] = qmm_emu::elem<T>(w.a[src][0], h);
-        A[g + 8][2 * t + h] = qmm_emu::elem<T>(w.a[src][1], h);
-        A[g][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][2], h);
-        A[g + 8][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][3], h);
         B[2 * t + h][g] = qmm_emu::elem<T>(w.b[src][0], h);
         B[2 * t + 8 + h][g] = qmm_emu::elem<T>(w.b[src][1], h);
       }
@@ -230,16 +243,7 @@ struct QmmWgmma {
     for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
     w.sync();
     float A[16][16];
-    for (int src = 0; src < 32; ++src) {
-      const int g = src / 4;
-      const int t = src % 4;
-      for (int h = 0; h < 2; ++h) {
-        A[g][2 * t + h] = qmm_emu::elem<T>(w.a[src][0], h);
-        A[g + 8][2 * t + h] = qmm_emu::elem<T>(w.a[src][1], h);
-        A[g][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][2], h);
-        A[g + 8][2 * t + 8 + h] = qmm_emu::elem<T>(w.a[src][3], h);
-      }
-    }
+    qmm_emu_a_matrix<T>(A, w);
     w.sync();
     const auto* base = static_cast<const unsigned char*>(b);
     const int g = l / 4;

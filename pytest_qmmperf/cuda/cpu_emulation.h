@@ -121,6 +121,8 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_ldmatrix_x4
 #define QMM_HAS_qmm_ldmatrix_x2
 #define QMM_HAS_qmm_hfma2
+#define QMM_HAS_qmm_and_or
+#define QMM_HAS_qmm_prmt
 #define QMM_HAS_qmm_load_w
 #define QMM_HAS_qmm_load_w_line
 #define QMM_HAS_qmm_load_w_guarded
@@ -170,6 +172,18 @@ inline uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c) {
   }
   return d;
 }
+
+template <uint32_t SEL>
+inline uint32_t qmm_prmt(uint32_t a, uint32_t b) {
+  const uint64_t ba = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t d = 0;
+  for (int i = 0; i < 4; ++i) {
+    d |= static_cast<uint32_t>((ba >> (8 * ((SEL >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+  }
+  return d;
+}
+
+inline uint32_t qmm_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
 
 // The 16x16 A operand of m16n8k16 (and of a warp's slice of wgmma) from the
 // A registers every lane of the warp put in its scratch.

@@ -118,7 +118,7 @@ struct QmmDq<__half, BITS> {
   }
   __device__ __forceinline__ uint32_t pair(uint32_t word, int i) const {
     constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-    const uint32_t h = ((word >> (BITS * i)) & mask) | 0x64006400u;
+    const uint32_t h = qmm_and_or(word >> (BITS * i), mask, 0x64006400u);
     return qmm_hfma2(qmm_hfma2(h, 0x3C003C00u, 0xE400E400u), s2, b2);  // (h * 1 - 1024) * s + b
   }
 };
@@ -132,8 +132,10 @@ __device__ __forceinline__ uint4 qmm_pair_order(const uint4& v) {
   const uint32_t b = BITS == 4 ? v.z : v.y;
   const uint32_t c = BITS == 4 ? v.y : v.z;
   const uint32_t d = v.w;
-  return make_uint4((a & 0xFFFFu) | (b << 16), (a >> 16) | (b & 0xFFFF0000u),
-                    (c & 0xFFFFu) | (d << 16), (c >> 16) | (d & 0xFFFF0000u));
+  // low halves of a and b, then their high halves: one PRMT a word (ptxas made two of each
+  // expression written with shifts and masks)
+  return make_uint4(qmm_prmt<0x5410u>(a, b), qmm_prmt<0x7632u>(a, b), qmm_prmt<0x5410u>(c, d),
+                    qmm_prmt<0x7632u>(c, d));
 }
 
 __device__ __forceinline__ float qmm_warp_sum(float v) {

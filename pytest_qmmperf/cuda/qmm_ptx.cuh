@@ -39,6 +39,24 @@ __device__ __forceinline__ uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c
   return d;
 }
 
+// (a & b) | c as one LOP3. Written in C with b and c constant, ptxas emits
+// two (an AND, then an OR: a LOP3 takes one immediate), which made the
+// float16 dequantization 5 instructions a pair instead of 4.
+__device__ __forceinline__ uint32_t qmm_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Bytes of the pair {b, a} picked by SEL's four nibbles (PTX prmt: byte i of
+// the result is byte SEL[4i+3:4i] of b:a, a's bytes 0-3, b's 4-7): one PRMT.
+template <uint32_t SEL>
+__device__ __forceinline__ uint32_t qmm_prmt(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "n"(SEL));
+  return d;
+}
+
 // 16 bytes of packed weights, read once per kernel and never written while it
 // runs: through the non-coherent path and not kept in L1 (from DRAM, the
 // decode kernel 2-4.6% and the wide kernel 1.5-1.8% faster than a plain

@@ -91,7 +91,8 @@ __device__ __forceinline__ uint32_t qmm_pack(float a, float b) {
 // set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
-template <typename T, int BITS>
+// ONE_SHIFT: see the float16 form.
+template <typename T, int BITS, bool ONE_SHIFT = false>
 struct QmmDq {
   float sp;
   float bp;
@@ -108,8 +109,13 @@ struct QmmDq {
 // float16: both values masked under the exponent of 1024 (0x6400: 1024 + q,
 // exact for q < 1024), 1024 subtracted exactly, then s * q + b in one
 // packed FMA: 3-4 instructions a pair instead of ~9.
-template <int BITS>
-struct QmmDq<__half, BITS> {
+// ONE_SHIFT (4 bits): one shift a word instead of three. Odd pairs are
+// masked where they lie, 4 bits up (1024 + 16q, exact), and scaled back in
+// the first FMA (h / 16 - 64); pairs 2 and 3 come from the word shifted by 8.
+// Two instructions fewer a word, but only the 8-row skinny kernel measured
+// faster with it (PERFORMANCE.md 6t); the others keep three shifts.
+template <int BITS, bool ONE_SHIFT>
+struct QmmDq<__half, BITS, ONE_SHIFT> {
   uint32_t s2;
   uint32_t b2;
   __device__ __forceinline__ void set(float s, float b) {
@@ -117,8 +123,13 @@ struct QmmDq<__half, BITS> {
     b2 = qmm_pack<__half>(b, b);
   }
   __device__ __forceinline__ uint32_t pair(uint32_t word, int i) const {
+    if (ONE_SHIFT && BITS == 4 && (i & 1)) {
+      const uint32_t h = qmm_and_or(i >= 2 ? word >> 8 : word, 0x00F000F0u, 0x64006400u);
+      return qmm_hfma2(qmm_hfma2(h, 0x2C002C00u, 0xD400D400u), s2, b2);  // (h / 16 - 64) * s + b
+    }
     constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-    const uint32_t h = qmm_and_or(word >> (BITS * i), mask, 0x64006400u);
+    const int shift = ONE_SHIFT && BITS == 4 ? 4 * (i & 2) : BITS * i;
+    const uint32_t h = qmm_and_or(word >> shift, mask, 0x64006400u);
     return qmm_hfma2(qmm_hfma2(h, 0x3C003C00u, 0xE400E400u), s2, b2);  // (h * 1 - 1024) * s + b
   }
 };

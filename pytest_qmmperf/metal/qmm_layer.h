@@ -87,7 +87,8 @@ inline uint32_t qmm_pack(float a, float b) {
 // set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
-template <typename T, int BITS>
+// ONE_SHIFT: see the half form.
+template <typename T, int BITS, bool ONE_SHIFT = false>
 struct QmmDq {
   float sp;
   float bp;
@@ -103,8 +104,11 @@ struct QmmDq {
 
 // half: both values masked under the exponent of 1024 (0x6400: 1024 + q,
 // exact for q < 1024), 1024 subtracted exactly, then s * q + b in one FMA.
-template <int BITS>
-struct QmmDq<half, BITS> {
+// ONE_SHIFT (4 bits), as in the CUDA layer: odd pairs masked 4 bits up
+// (1024 + 16q) and scaled back (h / 16 - 64), pairs 2 and 3 from the word
+// shifted by 8; one shift a word instead of three.
+template <int BITS, bool ONE_SHIFT>
+struct QmmDq<half, BITS, ONE_SHIFT> {
   half s2;
   half b2;
   inline void set(float s, float b) {
@@ -112,10 +116,14 @@ struct QmmDq<half, BITS> {
     b2 = static_cast<half>(b);
   }
   inline uint32_t pair(uint32_t word, int i) const {
-    const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-    const uint32_t h = ((word >> (BITS * i)) & mask) | 0x64006400u;
-    const half lo = fma(as_type<half>(ushort(h & 0xFFFFu)) - half(1024), s2, b2);
-    const half hi = fma(as_type<half>(ushort(h >> 16)) - half(1024), s2, b2);
+    const bool odd = ONE_SHIFT && BITS == 4 && (i & 1);
+    const uint32_t mask = (odd ? 0xF0u : ((1u << BITS) - 1u)) * 0x00010001u;
+    const int shift = ONE_SHIFT && BITS == 4 ? 4 * (i & 2) : BITS * i;
+    const uint32_t h = ((word >> shift) & mask) | 0x64006400u;
+    const half scale = odd ? half(0.0625) : half(1);
+    const half base = odd ? half(-64) : half(-1024);
+    const half lo = fma(fma(as_type<half>(ushort(h & 0xFFFFu)), scale, base), s2, b2);
+    const half hi = fma(fma(as_type<half>(ushort(h >> 16)), scale, base), s2, b2);
     return uint32_t(as_type<ushort>(lo)) | (uint32_t(as_type<ushort>(hi)) << 16);
   }
 };

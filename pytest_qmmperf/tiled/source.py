@@ -596,7 +596,7 @@ $next
     }
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
-      QmmDq<T, BITS> dq;
+      QmmDq<T, BITS, true> dq;  // one shift a word (the layer's QmmDq; PERFORMANCE.md 6t)
       dq.set(sv[f][0], bv[f][0]);
       uint32_t pw[16];
 #pragma unroll

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import gpu_kernel_ab  # noqa: E402
 import gpu_kernels  # noqa: E402
 import gpu_load_hints  # noqa: E402
 
@@ -62,3 +63,21 @@ def test_load_hint_x_forms_route_the_skinny_x_load_through_one_volatile_load() -
 def test_load_hint_forms_refuse_a_changed_layer() -> None:
     with pytest.raises(SystemExit, match="weight-load helpers changed shape"):
         gpu_load_hints.layer_in_form("// no helpers here\n", "plain")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("down:16:tiled:skinny:w16r3h", ("down", 16, "tiled:skinny:w16r3h")),
+        ("gate_up:128:tiled:wide:w8r2m64:k2", ("gate_up", 128, "tiled:wide:w8r2m64:k2")),
+    ],
+)
+def test_kernel_ab_cases_split_at_the_first_two_colons(text: str, expected: tuple) -> None:
+    assert gpu_kernel_ab.parse_case(text) == expected
+
+
+@pytest.mark.parametrize("text", ["up:16:tiled:decode", "down:0:tiled:decode",
+                                  "down:x:tiled:decode", "down:16:mlx", "down:16"])
+def test_kernel_ab_refuses_a_malformed_case_naming_it(text: str) -> None:
+    with pytest.raises(ValueError, match=f"case {text!r}: expected SHAPE:M:VARIANT"):
+        gpu_kernel_ab.parse_case(text)

@@ -173,8 +173,10 @@ inline uint32_t qmm_hfma2(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
+// prmt.b32 in its default mode, for selectors without sign replication (bit 3 of a nibble).
 template <uint32_t SEL>
 inline uint32_t qmm_prmt(uint32_t a, uint32_t b) {
+  static_assert((SEL & 0x8888u) == 0, "prmt's sign replication is not emulated");
   const uint64_t ba = (static_cast<uint64_t>(b) << 32) | a;
   uint32_t d = 0;
   for (int i = 0; i < 4; ++i) {

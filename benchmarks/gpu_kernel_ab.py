@@ -14,7 +14,8 @@ kernels build for ``sm_90a`` as MLX does).  A case is timed as
 compiles, checked against a float32 reference, the median of three replays
 of a CUDA graph of launches over weight sets rotated past L2
 (:func:`gpu_kernels.event_time`), the planes of a kernel split over K added
-by one more kernel, timed with it.
+by one more kernel, timed with it (``tiled:dequant``, which calls cuBLAS,
+launched one by one instead of from a graph).
 
 ``--parts`` also times a split kernel's launch without that addition, and
 the addition alone; ``--k 256 512 ...`` replaces the projection's K (the
@@ -65,7 +66,8 @@ def run_tree(tag: str, cases: list[tuple[str, int, str]], ks: list[int], parts: 
             launch(x, w, s, b, out)
             err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
             del ref
-            t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+            graph = getattr(launch, "graph", True)  # tiled:dequant calls cuBLAS: no graph
+            t = statistics.median(gk.event_time(launch, sets, graph=graph) for _ in range(3))
             line = (f"AB {tag:8s} {shape:8s} M={M:5d} K={K:5d} {name:28s} {t * 1e6:8.2f} us "
                     f"{t / gk.floor_s(spec):5.2f}x floor  err {err:.1e}")
             kernel, add = getattr(launch, "kernel", None), getattr(launch, "add", None)

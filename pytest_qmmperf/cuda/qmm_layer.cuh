@@ -84,6 +84,18 @@ __device__ __forceinline__ uint32_t qmm_pack(float a, float b) {
   return QmmHalves<T>::pack(a, b);
 }
 
+// How the float16 dequantization (QmmDq) and the pair order
+// (qmm_pair_order) put bits together; each kernel picks what measured
+// fastest for it (PERFORMANCE.md 6t):
+// - QMM_OPS_C: shifts and masks in C. ptxas makes two instructions of each
+//   mask-and-magic and of each half-word merge, but schedules the 16-row
+//   skinny kernel best this way (up to 25% faster at one token).
+// - QMM_OPS_PTX: one LOP3 (qmm_and_or) and one PRMT (qmm_prmt) each.
+// - QMM_OPS_ONE_SHIFT: QMM_OPS_PTX, and one shift a word at 4 bits (QmmDq).
+#define QMM_OPS_C 0
+#define QMM_OPS_PTX 1
+#define QMM_OPS_ONE_SHIFT 2
+
 // Two values of a packed word dequantized to T and packed, low half first:
 // the word's "pair" i (0 <= i < 16 / BITS) holds its values i and
 // i + 16 / BITS, which is where the magic-number conversion below finds them
@@ -91,8 +103,8 @@ __device__ __forceinline__ uint32_t qmm_pack(float a, float b) {
 // set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
-// ONE_SHIFT: see the float16 form.
-template <typename T, int BITS, bool ONE_SHIFT = false>
+// OPS: see the float16 form.
+template <typename T, int BITS, int OPS = QMM_OPS_PTX>
 struct QmmDq {
   float sp;
   float bp;
@@ -109,13 +121,13 @@ struct QmmDq {
 // float16: both values masked under the exponent of 1024 (0x6400: 1024 + q,
 // exact for q < 1024), 1024 subtracted exactly, then s * q + b in one
 // packed FMA: 3-4 instructions a pair instead of ~9.
-// ONE_SHIFT (4 bits): one shift a word instead of three. Odd pairs are
-// masked where they lie, 4 bits up (1024 + 16q, exact), and scaled back in
-// the first FMA (h / 16 - 64); pairs 2 and 3 come from the word shifted by 8.
-// Two instructions fewer a word, but only the 8-row skinny kernel measured
-// faster with it (PERFORMANCE.md 6t); the others keep three shifts.
-template <int BITS, bool ONE_SHIFT>
-struct QmmDq<__half, BITS, ONE_SHIFT> {
+// QMM_OPS_ONE_SHIFT (4 bits): one shift a word instead of three. Odd pairs
+// are masked where they lie, 4 bits up (1024 + 16q, exact), and scaled back
+// in the first FMA (h / 16 - 64); pairs 2 and 3 come from the word shifted
+// by 8. Two instructions fewer a word, but only the 8-row skinny kernel
+// measured faster with it (PERFORMANCE.md 6t).
+template <int BITS, int OPS>
+struct QmmDq<__half, BITS, OPS> {
   uint32_t s2;
   uint32_t b2;
   __device__ __forceinline__ void set(float s, float b) {
@@ -123,13 +135,15 @@ struct QmmDq<__half, BITS, ONE_SHIFT> {
     b2 = qmm_pack<__half>(b, b);
   }
   __device__ __forceinline__ uint32_t pair(uint32_t word, int i) const {
-    if (ONE_SHIFT && BITS == 4 && (i & 1)) {
+    constexpr bool one_shift = OPS == QMM_OPS_ONE_SHIFT && BITS == 4;
+    if (one_shift && (i & 1)) {
       const uint32_t h = qmm_and_or(i >= 2 ? word >> 8 : word, 0x00F000F0u, 0x64006400u);
       return qmm_hfma2(qmm_hfma2(h, 0x2C002C00u, 0xD400D400u), s2, b2);  // (h / 16 - 64) * s + b
     }
     constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-    const int shift = ONE_SHIFT && BITS == 4 ? 4 * (i & 2) : BITS * i;
-    const uint32_t h = qmm_and_or(word >> shift, mask, 0x64006400u);
+    const uint32_t v = word >> (one_shift ? 4 * (i & 2) : BITS * i);
+    const uint32_t h = OPS == QMM_OPS_C ? (v & mask) | 0x64006400u
+                                        : qmm_and_or(v, mask, 0x64006400u);
     return qmm_hfma2(qmm_hfma2(h, 0x3C003C00u, 0xE400E400u), s2, b2);  // (h * 1 - 1024) * s + b
   }
 };
@@ -137,16 +151,21 @@ struct QmmDq<__half, BITS, ONE_SHIFT> {
 // Eight consecutive 16-bit activations (four words of pairs) in the pair
 // order of QmmDq<T, BITS>: the pairs (i, i + 16 / BITS) of each group of
 // 32 / BITS values, so that a word's pair i of x meets the weights' pair i.
-template <int BITS>
+// Low halves of a and b, then their high halves: one PRMT a word, or (QMM_OPS_C) two
+// instructions as ptxas compiles the shifts and masks.
+template <int BITS, int OPS = QMM_OPS_PTX>
 __device__ __forceinline__ uint4 qmm_pair_order(const uint4& v) {
   const uint32_t a = v.x;
   const uint32_t b = BITS == 4 ? v.z : v.y;
   const uint32_t c = BITS == 4 ? v.y : v.z;
   const uint32_t d = v.w;
-  // low halves of a and b, then their high halves: one PRMT a word (ptxas made two of each
-  // expression written with shifts and masks)
-  return make_uint4(qmm_prmt<0x5410u>(a, b), qmm_prmt<0x7632u>(a, b), qmm_prmt<0x5410u>(c, d),
-                    qmm_prmt<0x7632u>(c, d));
+  if constexpr (OPS == QMM_OPS_C) {
+    return make_uint4((a & 0xFFFFu) | (b << 16), (a >> 16) | (b & 0xFFFF0000u),
+                      (c & 0xFFFFu) | (d << 16), (c >> 16) | (d & 0xFFFF0000u));
+  } else {
+    return make_uint4(qmm_prmt<0x5410u>(a, b), qmm_prmt<0x7632u>(a, b),
+                      qmm_prmt<0x5410u>(c, d), qmm_prmt<0x7632u>(c, d));
+  }
 }
 
 __device__ __forceinline__ float qmm_warp_sum(float v) {
@@ -299,7 +318,7 @@ struct QmmRowFrags {
 
 // Lane (g, t)'s x for the skinny kernels: x[m0 + 8i + g][ks + 32t .. +31]
 // for i < TILES, as 16 pairs each in QmmDq's pair order; zeros past M or K.
-template <typename T, int TILES, int BITS>
+template <typename T, int TILES, int BITS, int OPS = QMM_OPS_PTX>
 __device__ __forceinline__ void qmm_skinny_x(uint32_t (&xw)[TILES][16], const T* x, int m0, int ks,
                                              int K, int M, int g, int t) {
   const int k = ks + 32 * t;
@@ -313,7 +332,7 @@ __device__ __forceinline__ void qmm_skinny_x(uint32_t (&xw)[TILES][16], const T*
         v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * static_cast<size_t>(K) +
                                             static_cast<size_t>(k + 8 * c));
       }
-      v = qmm_pair_order<BITS>(v);
+      v = qmm_pair_order<BITS, OPS>(v);
       xw[i][4 * c] = v.x;
       xw[i][4 * c + 1] = v.y;
       xw[i][4 * c + 2] = v.z;
@@ -336,8 +355,10 @@ struct QmmSkinny {
     frag.init(lane);
   }
 
+  // OPS: the pair order's instructions (QMM_OPS_C for the 16-row kernel).
+  template <int OPS = QMM_OPS_PTX>
   __device__ __forceinline__ void load_x(const T* x, int m0, int ks, int K, int M) {
-    qmm_skinny_x<T, TILES, BITS>(xw, x, m0, ks, K, M, frag.g, frag.t);
+    qmm_skinny_x<T, TILES, BITS, OPS>(xw, x, m0, ks, K, M, frag.g, frag.t);
   }
 
   // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows g and g + 8, packed T.

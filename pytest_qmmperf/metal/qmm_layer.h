@@ -80,6 +80,14 @@ inline uint32_t qmm_pack(float a, float b) {
       (uint32_t(as_type<ushort>(static_cast<T>(b))) << 16);
 }
 
+// How the half dequantization and the pair order put bits together, as in
+// the CUDA layer (where QMM_OPS_C and QMM_OPS_PTX differ in the
+// instructions ptxas gets; here they are the same code);
+// QMM_OPS_ONE_SHIFT: one shift a word at 4 bits (QmmDq).
+#define QMM_OPS_C 0
+#define QMM_OPS_PTX 1
+#define QMM_OPS_ONE_SHIFT 2
+
 // Two values of a packed word dequantized to T and packed, low half first:
 // the word's "pair" i (0 <= i < 16 / BITS) holds its values i and
 // i + 16 / BITS, which is where the magic-number conversion below finds them
@@ -87,8 +95,8 @@ inline uint32_t qmm_pack(float a, float b) {
 // set() takes the group's scale and bias.
 // The general form (bfloat16; a bfloat16 cannot hold 128 + q exactly for 8
 // bits) works in float: s * q + b = (s * 2^BITS) * f + (b - s * 2^BITS).
-// ONE_SHIFT: see the half form.
-template <typename T, int BITS, bool ONE_SHIFT = false>
+// OPS: see the half form.
+template <typename T, int BITS, int OPS = QMM_OPS_PTX>
 struct QmmDq {
   float sp;
   float bp;
@@ -104,11 +112,11 @@ struct QmmDq {
 
 // half: both values masked under the exponent of 1024 (0x6400: 1024 + q,
 // exact for q < 1024), 1024 subtracted exactly, then s * q + b in one FMA.
-// ONE_SHIFT (4 bits), as in the CUDA layer: odd pairs masked 4 bits up
-// (1024 + 16q) and scaled back (h / 16 - 64), pairs 2 and 3 from the word
+// QMM_OPS_ONE_SHIFT (4 bits), as in the CUDA layer: odd pairs masked 4 bits
+// up (1024 + 16q) and scaled back (h / 16 - 64), pairs 2 and 3 from the word
 // shifted by 8; one shift a word instead of three.
-template <int BITS, bool ONE_SHIFT>
-struct QmmDq<half, BITS, ONE_SHIFT> {
+template <int BITS, int OPS>
+struct QmmDq<half, BITS, OPS> {
   half s2;
   half b2;
   inline void set(float s, float b) {
@@ -116,9 +124,10 @@ struct QmmDq<half, BITS, ONE_SHIFT> {
     b2 = static_cast<half>(b);
   }
   inline uint32_t pair(uint32_t word, int i) const {
-    const bool odd = ONE_SHIFT && BITS == 4 && (i & 1);
+    const bool one_shift = OPS == QMM_OPS_ONE_SHIFT && BITS == 4;
+    const bool odd = one_shift && (i & 1);
     const uint32_t mask = (odd ? 0xF0u : ((1u << BITS) - 1u)) * 0x00010001u;
-    const int shift = ONE_SHIFT && BITS == 4 ? 4 * (i & 2) : BITS * i;
+    const int shift = one_shift ? 4 * (i & 2) : BITS * i;
     const uint32_t h = ((word >> shift) & mask) | 0x64006400u;
     const half scale = odd ? half(0.0625) : half(1);
     const half base = odd ? half(-64) : half(-1024);
@@ -131,7 +140,7 @@ struct QmmDq<half, BITS, ONE_SHIFT> {
 // Eight consecutive 16-bit activations (four words of pairs) in the pair
 // order of QmmDq<T, BITS>: the pairs (i, i + 16 / BITS) of each group of
 // 32 / BITS values, so that a word's pair i of x meets the weights' pair i.
-template <int BITS>
+template <int BITS, int OPS = QMM_OPS_PTX>
 inline uint4 qmm_pair_order(uint4 v) {
   const uint32_t a = v.x;
   const uint32_t b = BITS == 4 ? v.z : v.y;
@@ -283,7 +292,7 @@ struct QmmRowFrags {
 // Lane (fm, fn)'s x for the skinny kernels: tokens m0 + 8i + fn (xa) and
 // + 1 (xb) at k = ks + 32 * (fm / 2) .. +31 for i < TILES, as 16 pairs each
 // in QmmDq's pair order; zeros past M or K.
-template <typename T, int TILES, int BITS>
+template <typename T, int TILES, int BITS, int OPS = QMM_OPS_PTX>
 inline void qmm_skinny_x(thread uint32_t (&xa)[TILES][16], thread uint32_t (&xb)[TILES][16],
                          const device T* x, int m0, int ks, int K, int M, short fm, short fn) {
   const int k = ks + 32 * (fm / 2);
@@ -298,7 +307,7 @@ inline void qmm_skinny_x(thread uint32_t (&xa)[TILES][16], thread uint32_t (&xb)
         if (k < K && m < M) {
           v = *((const device uint4*)(x + size_t(m) * size_t(K) + size_t(k + 8 * c)));
         }
-        v = qmm_pair_order<BITS>(v);
+        v = qmm_pair_order<BITS, OPS>(v);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           if (e == 0) {
@@ -339,8 +348,9 @@ struct QmmSkinny {
   inline void init(uint lane) {
     frag.init(lane);
   }
+  template <int OPS = QMM_OPS_PTX>
   inline void load_x(const device T* x, int m0, int ks, int K, int M) {
-    qmm_skinny_x<T, TILES, BITS>(xa, xb, x, m0, ks, K, M, frag.fm, frag.fn);
+    qmm_skinny_x<T, TILES, BITS, OPS>(xa, xb, x, m0, ks, K, M, frag.fm, frag.fn);
   }
 
   // Fragment f; pa/pb: the chunk's 16 pairs of its weight rows fm and fm + 8, packed T.

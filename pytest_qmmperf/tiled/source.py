@@ -499,7 +499,7 @@ $head
     float sv[RF][2];
     float bv[RF][2];
 $weights
-    QmmDq<T, BITS> dq[RF][2];
+    QmmDq<T, BITS, QMM_OPS_C> dq[RF][2];  // the layer's QMM_OPS: measured fastest here
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
 #pragma unroll
@@ -507,7 +507,7 @@ $weights
         dq[f][h].set(sv[f][h], bv[f][h]);
       }
     }
-    sk.load_x(x, m0, ks, K, M);
+    sk.template load_x<QMM_OPS_C>(x, m0, ks, K, M);
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
       // Pair q of the chunk is pair q % PW of word q / PW (the layer's QmmDq);
@@ -596,7 +596,7 @@ $next
     }
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
-      QmmDq<T, BITS, true> dq;  // one shift a word (the layer's QmmDq; PERFORMANCE.md 6t)
+      QmmDq<T, BITS, QMM_OPS_ONE_SHIFT> dq;  // one shift a word (PERFORMANCE.md 6t)
       dq.set(sv[f][0], bv[f][0]);
       uint32_t pw[16];
 #pragma unroll

@@ -303,6 +303,24 @@ def test_kernel_names_are_unique_and_carry_every_parameter():
         parse_name("tiled:wide:w8r2m64"), bits=4, group_size=64, language="cuda")
 
 
+
+@pytest.mark.parametrize("language", ["cuda", "metal"])
+def test_each_kernel_asks_for_the_dequantization_form_it_measured_fastest_with(language):
+    """PERFORMANCE.md 6t: the 16-row skinny kernel keeps C shifts and masks (25% faster at
+    one token than with the one-LOP3 form), the 8-row one shifts once a word, and the
+    others take the layer's default (one LOP3, one PRMT)."""
+    def body(name):
+        return source.generate(parse_name(name), bits=4, group_size=64, language=language).body
+
+    skinny16 = body("tiled:skinny:w12r2")
+    assert "QmmDq<T, BITS, QMM_OPS_C>" in skinny16
+    assert "sk.template load_x<QMM_OPS_C>(" in skinny16
+    skinny8 = body("tiled:skinny:w16r3h")
+    assert "QmmDq<T, BITS, QMM_OPS_ONE_SHIFT>" in skinny8
+    assert "sk.load_x(" in skinny8
+    for name in ("tiled:wide:w8r2m64", "tiled:decode", "tiled:dequant"):
+        assert "QMM_OPS_" not in body(name), name
+
 def test_generator_rejects_unknown_language():
     with pytest.raises(ValueError, match="language='opencl'"):
         source.generate(TileConfig(32, 32), bits=4, group_size=64, language="opencl")

@@ -93,8 +93,10 @@ def layer_in_form(text: str, form: str) -> str:
               f'  asm volatile("{X_FORMS[x_form]} {{%0, %1, %2, %3}}, [%4];\\n"\n'
               '               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));\n'
               "  return v;\n}\n\n")
-    at = text.index("template <typename T, int TILES, int BITS>\n__device__ __forceinline__ "
-                    "void qmm_skinny_x")
+    loader = re.search(r"template <[^\n]*>\n__device__ __forceinline__ void qmm_skinny_x", text)
+    if loader is None:
+        raise SystemExit("the skinny kernels' x loader changed shape; update gpu_load_hints.py")
+    at = loader.start()
     text = (text[:at] + helper + text[at:]).replace(
         _X_LOAD, "v = qmm_load_x_form(reinterpret_cast<const uint4*>(x + ")
     # The statement needs one more closing parenthesis.

@@ -395,3 +395,29 @@ def test_sm90a_emulation_runs_the_wgmma_layout(tmp_path, monkeypatch):
         out = emu.run(exe, 0, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
         errors[sm90a] = relative_error(out, ref)
     assert errors[False] < 0.01 and errors[True] > 0.5, errors
+
+
+@needs_gxx
+@pytest.mark.parametrize("wait", ["qmm_wgmma_wait<QMM_WIDE_STEPS>();", "qmm_wgmma_wait<0>();"])
+def test_sm90a_emulation_is_asynchronous_like_wgmma(tmp_path, monkeypatch, wait):
+    """The emulated wgmma reads B and writes D only when a wait retires it, as on the GPU:
+    without the wait before the barrier, the x buffers are restaged under running wgmma
+    (the race PERFORMANCE.md 6s found on the H100); without the final wait, D never lands."""
+    from pytest_qmmperf.tiled import source
+    from pytest_qmmperf.workloads.qmm import reference
+
+    dialect = source.DIALECTS["cuda"]
+    layer = dialect.layer()
+    assert layer.count(wait) == 1
+    kernel = emu.EmulatedKernel(WideConfig(8, 2, 64), 4, 64, "float16")
+    spec = QmmSpec(M=64, N=256, K=1024)  # 8 super-steps over 3 buffers
+    inputs = make_inputs(spec)
+    ref = reference(spec, inputs)
+    errors = {}
+    for broken in (False, True):
+        if broken:
+            monkeypatch.setattr(type(dialect), "layer", lambda self: layer.replace(wait, ""))
+        exe = emu.build([kernel], "cuda", tmp_path / str(broken), sm90a=True)
+        out = emu.run(exe, 0, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
+        errors[broken] = relative_error(out, ref)
+    assert errors[False] < 0.01 and errors[True] > 0.1, errors

@@ -241,12 +241,34 @@ struct QmmMma {
 // the warp's registers in mma.m16n8k16's layout, B read from memory in the
 // layout the descriptor describes (8x8 core matrices of 16-byte rows; lbo
 // bytes between the two k halves, sbo between groups of 8 columns), D in
-// mma's C layout every 8 columns. It runs at once, so the fences, commits
-// and waits have nothing to order.
+// mma's C layout every 8 columns.
+// Asynchronous as on the GPU: issuing takes A (the registers are read
+// then); B is read and D written only when a qmm_wgmma_wait retires the
+// operation's commit group. So a kernel that restages a buffer while a
+// wgmma may still read it, or reads D before the wait, computes wrong
+// results here too (tests/test_tiled_checks.py breaks the wait to check).
+namespace qmm_emu {
+struct WgmmaQueue {
+  std::vector<std::pair<int, std::function<void()>>> ops;  // (commit group, the rest of it)
+  int committed = 0;
+  // Runs the operations of every group but the newest `pending` committed ones, in order.
+  void retire(int pending) {
+    const int upto = committed - pending;
+    std::size_t done = 0;
+    while (done < ops.size() && ops[done].first < upto) {
+      ops[done].second();
+      ++done;
+    }
+    ops.erase(ops.begin(), ops.begin() + static_cast<std::ptrdiff_t>(done));
+  }
+};
+inline thread_local WgmmaQueue wgmma_queue;
+}  // namespace qmm_emu
+
 inline void qmm_wgmma_fence() {}
-inline void qmm_wgmma_commit() {}
+inline void qmm_wgmma_commit() { ++qmm_emu::wgmma_queue.committed; }
 template <int N>
-inline void qmm_wgmma_wait() {}
+inline void qmm_wgmma_wait() { qmm_emu::wgmma_queue.retire(N); }
 inline void qmm_fence_async_shared() {}
 inline void qmm_fence_operand(float&) {}
 
@@ -261,22 +283,26 @@ struct QmmWgmma {
     float A[16][16];
     qmm_emu_a_matrix<T>(A, w);
     w.sync();
-    const auto* base = static_cast<const unsigned char*>(b);
-    const int g = l / 4;
-    const int t = l % 4;
-    for (int j = 0; j < N / 8; ++j) {
-      for (int e = 0; e < 4; ++e) {
-        const int row = g + (e >> 1) * 8;
-        const int col = 8 * j + 2 * t + (e & 1);
-        float sum = 0.0f;
-        for (int k = 0; k < 16; ++k) {
-          T v;
-          std::memcpy(&v, base + (col / 8) * sbo + (k / 8) * lbo + (col % 8) * 16 + (k % 8) * 2, 2);
-          sum += A[row][k] * static_cast<float>(v);
+    auto& q = qmm_emu::wgmma_queue;
+    q.ops.emplace_back(q.committed, [=]() {
+      const auto* base = static_cast<const unsigned char*>(b);
+      const int g = l / 4;
+      const int t = l % 4;
+      for (int j = 0; j < N / 8; ++j) {
+        for (int e = 0; e < 4; ++e) {
+          const int row = g + (e >> 1) * 8;
+          const int col = 8 * j + 2 * t + (e & 1);
+          float sum = 0.0f;
+          for (int k = 0; k < 16; ++k) {
+            T v;
+            std::memcpy(&v, base + (col / 8) * sbo + (k / 8) * lbo + (col % 8) * 16 + (k % 8) * 2,
+                        2);
+            sum += A[row][k] * static_cast<float>(v);
+          }
+          d[4 * j + e] = (accumulate ? d[4 * j + e] : 0.0f) + sum;
         }
-        d[4 * j + e] = (accumulate ? d[4 * j + e] : 0.0f) + sum;
       }
-    }
+    });
   }
 };
 

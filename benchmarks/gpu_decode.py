@@ -95,23 +95,31 @@ def problem(M: int, N: int, K: int) -> tuple[Any, list[tuple[Any, ...]], Any, fl
     return spec, sets, ref, float(cp.abs(ref).max())
 
 
-def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
+def max_error(launch: Any, sets: list[tuple[Any, ...]], scale: float, ref: Any = None) -> float:
+    """The largest error of ``launch`` on the first operand set, relative to ``scale``;
+    ``ref``: that set's float32 reference (computed here if not given)."""
     import cupy as cp
 
+    x, w, s, b, out = sets[0]
+    out.fill(0)
+    launch(x, w, s, b, out)
+    if ref is None:
+        ref = reference(x, w, s, b)
+    return float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
+
+
+def kernel_alone(log: gk.Log, names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for shape, (N, K) in gk.SHAPES.items():
         for M in M_VALUES:
             spec, sets, ref, scale = problem(M, N, K)
-            x, w, s, b, out = sets[0]
             for name in names:
                 if M > 16 and name.startswith("tiled:decode"):
                     continue  # past the decode kernel's range
                 try:
                     launch = gk.cupy_kernel(name, M, N, K)
-                    out.fill(0)
-                    launch(x, w, s, b, out)
-                    err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
-                    t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                    err = max_error(launch, sets, scale, ref)
+                    t = gk.kernel_time(launch, sets)
                     t_loop = statistics.median(gk.event_time(launch, sets, graph=False)
                                                for _ in range(3))
                 except Exception as exc:

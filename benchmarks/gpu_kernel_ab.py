@@ -56,6 +56,9 @@ def run_tree(tag: str, cases: list[tuple[str, int, str]], ks: list[int], parts: 
     import gpu_decode as gd
     import gpu_kernels as gk
 
+    # Only what every comparable tree's helpers have (from 79c6bea on): problem, reference,
+    # cupy_kernel and event_time; not the later gpu_decode.max_error / gpu_kernels.kernel_time,
+    # which the old tree of an A/B may lack.
     for shape, M, name in cases:
         N, K0 = gk.SHAPES[shape]
         for K in ks or [K0]:

@@ -466,6 +466,15 @@ def event_time(launch: Any, operand_sets: list[tuple[Any, ...]], count: int | No
     return cp.cuda.get_elapsed_time(start, stop) / 1e3 / count
 
 
+def kernel_time(launch: Any, operand_sets: list[tuple[Any, ...]], rounds: int = 3) -> float:
+    """Median of ``rounds`` :func:`event_time` measurements of ``launch``: from a replayed
+    CUDA graph unless the launch says ``graph = False`` (one that calls cuBLAS, which
+    CuPy cannot capture)."""
+    graph = getattr(launch, "graph", True)
+    return statistics.median(event_time(launch, operand_sets, graph=graph)
+                             for _ in range(rounds))
+
+
 def cupy_operands(M: int, N: int, K: int, count: int) -> list[tuple[Any, ...]]:
     """``count`` sets of (x, w, scales, biases, out), fp16, 4-bit group 64, random weights."""
     import cupy as cp

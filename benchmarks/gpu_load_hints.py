@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             sets = gk.cupy_operands(M, N, K, gk.rotation(QmmSpec(M=M, N=N, K=K).weight_bytes))
             for form in order:
                 launch = launches[form, name, shape, M]
-                t = statistics.median(gk.event_time(launch, sets) for _ in range(3))
+                t = gk.kernel_time(launch, sets)
                 rows.append({"round": rnd, "form": form, "name": name, "shape": shape, "M": M,
                              "us": t * 1e6, "floor_x": t / floor})
                 print(f"r{rnd} {form:8s} {name:24s} {shape:8s} M={M:5d} {t * 1e6:8.2f} us "

@@ -13,7 +13,6 @@ step.  Fewer sets leave part of the weights in L2.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def main() -> int:
         first = None
         for n in SETS:
             sets = gk.cupy_operands(M, N, K, n)
-            t = statistics.median(gk.event_time(launch, sets) for _ in range(5)) * 1e6
+            t = gk.kernel_time(launch, sets, rounds=5) * 1e6
             first = first or t
             line += f" | {n} ({n * per_set / 1e6:.0f} MB) {t:.2f} us {t / first:.2f}"
             del sets

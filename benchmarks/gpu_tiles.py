@@ -69,8 +69,7 @@ def kernel_alone(log: gk.Log, names: list[str], m_values: list[int]) -> list[dic
     for shape, (N, K) in gk.SHAPES.items():
         for M in m_values:
             spec, sets, ref, scale = gd.problem(M, N, K)
-            x, w, s, b, out = sets[0]
-            del ref  # recomputed per kernel: at large M it is large
+            del ref  # recomputed per kernel (gpu_decode.max_error): at large M it is large
             blas = cublas_s(M, N, K)
             rows.append({"shape": shape, "M": M, "N": N, "K": K, "variant": "cublas-fp16",
                          "kernel_s": blas, "floor_s": gk.floor_s(spec),
@@ -80,17 +79,11 @@ def kernel_alone(log: gk.Log, names: list[str], m_values: list[int]) -> list[dic
             for name in names:
                 try:
                     launch = gk.cupy_kernel(name, M, N, K)
-                    out.fill(0)
-                    launch(x, w, s, b, out)
-                    ref = gd.reference(x, w, s, b)
-                    err = float(cp.abs(out.astype(cp.float32) - ref).max()) / scale
-                    del ref
-                    graph = getattr(launch, "graph", True)
-                    t = statistics.median(gk.event_time(launch, sets, graph=graph)
-                                          for _ in range(3))
+                    err = gd.max_error(launch, sets, scale)
+                    t = gk.kernel_time(launch, sets)
                     alone = getattr(launch, "dequant_only", None)
                     if alone is not None:
-                        ta = statistics.median(gk.event_time(alone, sets) for _ in range(3))
+                        ta = gk.kernel_time(alone, sets)
                         log(f"alone {shape:8s} M={M:5d} {'  its dequant kernel':28s} "
                             f"{ta * 1e6:9.2f} us  {spec.weight_bytes / ta / 1e12:.2f} TB/s "
                             "read (packed weights, scales, biases)")

@@ -483,6 +483,13 @@ struct QmmWide {
   inline void mma(const threadgroup T* xs, int s, thread const uint32_t (&pa)[RF][1],
                   thread const uint32_t (&pb)[RF][1]) {
     load_x(xs, s);
+    // Each token fragment's B once, for every row fragment.
+    simdgroup_matrix<float, 8, 8> b[TILES];
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+      b[i].thread_elements()[0] = xv[i][0];
+      b[i].thread_elements()[1] = xv[i][1];
+    }
 #pragma unroll
     for (int f = 0; f < RF; ++f) {
       simdgroup_matrix<float, 8, 8> a0;
@@ -493,11 +500,8 @@ struct QmmWide {
       a1.thread_elements()[1] = qmm_hi<T>(pb[f][0]);
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        simdgroup_matrix<float, 8, 8> b;
-        b.thread_elements()[0] = xv[i][0];
-        b.thread_elements()[1] = xv[i][1];
-        simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b, frag.acc[f][i][0]);
-        simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b, frag.acc[f][i][1]);
+        simdgroup_multiply_accumulate(frag.acc[f][i][0], a0, b[i], frag.acc[f][i][0]);
+        simdgroup_multiply_accumulate(frag.acc[f][i][1], a1, b[i], frag.acc[f][i][1]);
       }
     }
   }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import gpu_kernel_ab  # noqa: E402
 import gpu_kernels  # noqa: E402
 import gpu_load_hints  # noqa: E402
+import gpu_m128_probe  # noqa: E402
 
+from pytest_qmmperf.cuda import check as cuda_check  # noqa: E402
 from pytest_qmmperf.tiled import source  # noqa: E402
 
 
@@ -81,3 +84,58 @@ def test_kernel_ab_cases_split_at_the_first_two_colons(text: str, expected: tupl
 def test_kernel_ab_refuses_a_malformed_case_naming_it(text: str) -> None:
     with pytest.raises(ValueError, match=f"case {text!r}: expected SHAPE:M:VARIANT"):
         gpu_kernel_ab.parse_case(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gate_up:128", {"shape": "gate_up", "M": 128, "ks": 1, "d": 1, "cs": 1, "ra": 1,
+                         "kstep": 128, "flags": []}),
+        ("gate_up:128:k4:r2:s64:d2:NOX+NOW", {"shape": "gate_up", "M": 128, "ks": 4, "d": 2,
+                                              "cs": 1, "ra": 2, "kstep": 64,
+                                              "flags": ["NOX", "NOW"]}),
+        ("down:128:XREG:c4", {"shape": "down", "M": 128, "ks": 1, "d": 1, "cs": 4, "ra": 1,
+                              "kstep": 128, "flags": ["XREG"]}),
+    ],
+)
+def test_probe_cases_name_their_knobs(text: str, expected: dict) -> None:
+    assert gpu_m128_probe.parse_ss_case(text) == expected
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("up:128", "expected SHAPE:M"),
+    ("gate_up", "expected SHAPE:M"),
+    ("gate_up:128:z2", "'z2' is none of kS, dD, cC, rR, sK or flags"),
+    ("gate_up:128:NOX+FAST", "'NOX+FAST' is none of"),
+])
+def test_probe_refuses_a_malformed_case_naming_it(text: str, fragment: str) -> None:
+    pattern = re.escape(f"case {text!r}: ") + ".*" + re.escape(fragment)
+    with pytest.raises(ValueError, match=pattern):
+        gpu_m128_probe.parse_ss_case(text)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # 2 buffers of dequantized weights (128 rows x 128 k x 2 bytes), 3 of x (128 tokens x
+    # 128 k x 2 bytes), 2 of packed weights (128 rows x 64 bytes) and of group terms (8
+    # bytes a thread): 65536 + 98304 + 2 x (8192 + 2048)
+    ("gate_up:128:k2", 184320),
+    # two ahead: 4 x buffers and 3 of packed weights and terms
+    ("gate_up:128:k2:d2", 65536 + 4 * 32768 + 3 * (8192 + 2048)),
+    # 256 rows, 64-k super-steps: 2 x 32768 + 3 x 16384 + 2 x (8192 + 2048)
+    ("gate_up:128:k4:r2:s64", 135168),
+    # bulk copies land in rows padded by 16 bytes
+    ("gate_up:128:k2:BULK", 65536 + 3 * 128 * 272 + 2 * (8192 + 2048)),
+])
+def test_probe_shared_memory_arithmetic(text: str, expected: int) -> None:
+    assert gpu_m128_probe.ss_smem(gpu_m128_probe.parse_ss_case(text)) == expected
+
+
+@pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("text", ["gate_up:128:k2", "gate_up:128:k2:d2:XREG+ROT:c4",
+                                  "gate_up:128:k2:BULK", "down:128:k4:CSK"])
+def test_probe_kernels_compile_for_hopper_without_spills(text: str, tmp_path: Path) -> None:
+    src = gpu_m128_probe.ss_source(gpu_m128_probe.parse_ss_case(text))
+    result = cuda_check.compile_check([src], tmp_path)
+    assert result.returncode == 0, result.log[-4000:]
+    k = result.kernel("ss")
+    assert (k.spill_stores, k.spill_loads) == (0, 0), k

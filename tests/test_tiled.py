@@ -50,6 +50,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:wide:w4r2m32:k2:d0", WideConfig(4, 2, 32, splits=2, decode_max_m=0)),
         ("tiled:wide:w8r2m64:g512", WideConfig(8, 2, 64, gemm_min_m=512)),
         ("tiled:wide:w8r2m64:g512:q1", WideConfig(8, 2, 64, gemm_min_m=512, mlx_max_m=1)),
+        ("tiled:wide:w8r2m64:c2", WideConfig(8, 2, 64, clusters=2)),
+        ("tiled:wide:w4r2m32:c4:d0", WideConfig(4, 2, 32, clusters=4, decode_max_m=0)),
         ("tiled:dequant", DequantConfig()),
     ],
 )
@@ -85,6 +87,8 @@ def test_parse_name(name, expected):
         ("tiled:wide:w4r1m16:k4:d8", "tiled:wide:w4r1m16:k4:d8"),
         ("tiled:wide:w8r2m64:k1:d16:g0", "tiled:wide:w8r2m64"),
         ("tiled:wide:w8r2m64:d8:g512", "tiled:wide:w8r2m64:d8:g512"),
+        ("tiled:wide:w8r2m64:k1:c1", "tiled:wide:w8r2m64"),
+        ("tiled:wide:w8r2m64:c4:d16:g512", "tiled:wide:w8r2m64:c4:g512"),
     ],
 )
 def test_canonical_names_round_trip(name, canonical):
@@ -147,6 +151,15 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w0r2m32", "warps=0 must be a positive integer"),
         ("tiled:wide:w8r2m64:g16", "gemm_min_m=16 must exceed decode_max_m=16 (or be 0)"),
         ("tiled:wide:w8r2m64:g512:q512", "mlx_max_m=512 must be under gemm_min_m=512"),
+        ("tiled:wide:w8r2m64:k2:c2", "splits K both into planes (k2) and over a cluster (c2)"),
+        ("tiled:wide:w8r2m64:c16", "clusters=16 exceeds 8 blocks, the largest thread-block"),
+        ("tiled:wide:w8r2m64:c0", "clusters=0 must be a positive integer"),
+        # 24 accumulators a thread (2 x 16 rows x 24 tokens / 32) over 5 blocks
+        ("tiled:wide:w4r2m24:c5", "a thread's 24 accumulators do not divide among the cluster's 5"),
+        # 7 of 8 parts of 64 accumulators x 256 threads x 4 bytes, over 3 x 16 KiB of x buffers
+        ("tiled:wide:w8r2m64:c8", "57344 bytes of a block's shared memory, more than the 49152"),
+        # mma.sync (48 tokens): two x buffers of 48 x 128 halves; 7 x 6 x 256 x 4 bytes
+        ("tiled:wide:w8r2m48:c8", "43008 bytes of a block's shared memory, more than the 24576"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -221,6 +234,16 @@ def test_supports_names_the_reason(spec, fragment):
     v = get_variant("tiled:64x64x64:wm2wn2")
     reason = v.supports(spec)
     assert reason is not None and fragment in reason
+
+
+def test_a_cluster_variant_is_unsupported_on_metal(monkeypatch):
+    v = get_variant("tiled:wide:w8r2m64:c2")
+    spec = QmmSpec(M=128, N=512, K=256)
+    monkeypatch.setattr(variant, "backend", lambda: "metal")
+    reason = v.supports(spec)
+    assert reason is not None and "thread-block cluster, which Metal does not have" in reason
+    monkeypatch.setattr(variant, "backend", lambda: "cuda")
+    assert v.supports(spec) is None
 
 
 def test_supports_accepts_what_the_kernels_run():
@@ -320,6 +343,26 @@ def test_each_kernel_asks_for_the_dequantization_form_it_measured_fastest_with(l
     assert "sk.load_x(" in skinny8
     for name in ("tiled:wide:w8r2m64", "tiled:decode", "tiled:dequant"):
         assert "QMM_OPS_" not in body(name), name
+
+def test_a_cluster_split_is_cuda_only_and_carries_its_cluster_shape():
+    config = parse_name("tiled:wide:w8r2m64:c2")
+    with pytest.raises(TileError, match=r"^tiled:wide:w8r2m64:c2: splits K over a thread-block "
+                                        r"cluster \(c2\), which metal does not have"):
+        source.generate(config, bits=4, group_size=64, language="metal")
+    src = source.generate(config, bits=4, group_size=64, language="cuda")
+    # the shape rides on __global__, which MLX writes after the header; not in the emulation
+    assert "#define __global__ __location__(global) __cluster_dims__(1, 2, 1)" in src.header
+    assert src.header.index("__cluster_dims__") < src.header.index("QMM_HAS_")
+    assert "#if !defined(QMMPERF_CUDA_CPU_EMULATION)" in src.header
+    assert "QmmClusterSum<CS" in src.body and "wd.frag.store" not in src.body
+    assert "_w8r2m64k1c2_" in src.name and src.output_dtype is None  # T, no planes
+    assert source.output_shape(config, 128, 8192, 3072) == (128, 8192)
+    # without a cluster: no cluster shape, and the planes' store
+    plain = source.generate(parse_name("tiled:wide:w8r2m64:k2"), bits=4, group_size=64,
+                            language="cuda")
+    assert "__cluster_dims__" not in plain.header and "QmmClusterSum" not in plain.header
+    assert "wd.frag.store" in plain.body and plain.output_dtype == "float32"
+
 
 def test_generator_rejects_unknown_language():
     with pytest.raises(ValueError, match="language='opencl'"):
@@ -441,6 +484,8 @@ def test_decode_kernel_carries_a_third_of_the_layer():
         # wide: 8 x 2 x 16 = 256 weight rows and 64 tokens a block; K split 2 ways
         (WideConfig(8, 2, 64), 2048, 8192, (32 * 256, 32, 1), (256, 1, 1)),
         (WideConfig(4, 1, 16, splits=4), 17, 100, (2 * 128, 8, 1), (128, 1, 1)),
+        # K split over clusters of 2 blocks, consecutive in y
+        (WideConfig(8, 2, 64, clusters=2), 128, 8192, (32 * 256, 4, 1), (256, 1, 1)),
         # dequant: one weight row a block, whatever M
         (DequantConfig(), 7, 300, (300 * 256, 1, 1), (256, 1, 1)),
         (DequantConfig(), 4096, 3, (3 * 256, 1, 1), (256, 1, 1)),

@@ -188,6 +188,23 @@ def test_every_asm_load_of_the_cuda_layer_is_predicated_or_volatile():
 
 
 @needs_nvcc
+@pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:c2", "tiled:wide:w8r2m64:c4",
+                                  "tiled:wide:w4r2m32:c4"])
+def test_cluster_kernels_compile_for_hopper_and_refuse_older_gpus(name, tmp_path):
+    config = parse_name(name)
+    src = generate(config, bits=4, group_size=64, language="cuda")
+    template = _template(config, "float16")
+    unit = cuda.translation_unit(src, dtype="float16", template=template)
+    result = cuda_check.compile_check([unit], tmp_path / "sm90a")
+    assert result.returncode == 0, result.log[-4000:]
+    k = result.kernel(cuda.kernel_name(src, template))
+    assert (k.spill_stores, k.spill_loads) == (0, 0) and k.registers * config.threads <= 65536
+    older = cuda_check.compile_check([unit], tmp_path / "sm80", archs=["sm_80"])
+    assert older.returncode != 0
+    assert "splits K over a thread-block cluster, which needs sm_90 or later" in older.log
+
+
+@needs_nvcc
 def test_nvcc_check_reports_errors(tmp_path):
     src = generate(parse_name("tiled:32x32:wm2wn2"), bits=4, group_size=64, language="cuda")
     broken = dataclasses.replace(src, body=src.body.replace("tile.init(lane);", "tile.init();"))
@@ -300,6 +317,15 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=2), 4, 32, "bflo
                  QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=4), 8, 64, "float16"),
                  QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
+# wide with K split over a thread-block cluster (CUDA only): the same shapes as the
+# planes above, parts that own no super-step (c4 over 2), and an uneven split (5
+# super-steps in 3 parts) in the mma.sync form
+EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=2), 4, 32, "bfloat16"),
+                 QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=4), 8, 64, "float16"),
+                 QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
+EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=3), 8, 32, "bfloat16"),
+                 QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
 # the dequant kernel (checked against mx.dequantize): every bit width and dtype,
 # rows of 2-4 groups, K at one group, and a row longer than a block's threads
 for _bits, _gs, _dtype, _N, _K in ((4, 64, "float16", 5, 320), (8, 32, "bfloat16", 3, 96),
@@ -319,17 +345,20 @@ def emulator(request, tmp_path_factory):
     if emu.compiler_reason():
         pytest.skip(emu.compiler_reason())
     language, _, arch = request.param.partition("-")
-    exe = emu.build([k for k, _ in EMULATED], language,
+    # Metal has no thread-block clusters: the kernels that split K over one are CUDA's
+    cases = [(k, spec) for k, spec in EMULATED
+             if language == "cuda" or getattr(k.config, "clusters", 1) == 1]
+    exe = emu.build([k for k, _ in cases], language,
                     tmp_path_factory.mktemp(request.param), sm90a=arch == "sm90a")
-    return language, exe
+    return language, exe, cases
 
 
 @needs_gxx
 def test_emulated_kernels_match_the_reference(emulator):
     import mlx.core as mx
 
-    language, exe = emulator
-    for index, (kernel, spec) in enumerate(EMULATED):
+    language, exe, cases = emulator
+    for index, (kernel, spec) in enumerate(cases):
         inputs = make_inputs(spec, seed=index)
         out = emu.run(exe, index, kernel, inputs.x, inputs.w, inputs.scales, inputs.biases)
         if isinstance(kernel.config, DequantConfig):

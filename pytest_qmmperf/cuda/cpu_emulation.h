@@ -15,6 +15,11 @@
 #ifndef QMMPERF_CUDA_CPU_EMULATION
 #define QMMPERF_CUDA_CPU_EMULATION
 
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+
 #include "cpu_grid.h"
 
 #define __global__
@@ -134,6 +139,8 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_qmm_fence_async_shared
 #define QMM_HAS_qmm_fence_operand
 #define QMM_HAS_QmmWgmma
+#define QMM_HAS_qmm_cluster_sync
+#define QMM_HAS_QmmClusterSum
 
 // Predicated ld.global.nc with cache hints: plain loads, zeros unless live.
 inline uint4 qmm_load_w(const uint4* p, bool live) { return live ? *p : uint4{0, 0, 0, 0}; }
@@ -271,6 +278,50 @@ template <int N>
 inline void qmm_wgmma_wait() { qmm_emu::wgmma_queue.retire(N); }
 inline void qmm_fence_async_shared() {}
 inline void qmm_fence_operand(float&) {}
+
+// Thread-block clusters. Blocks run one after another here, and a cluster's
+// blocks (consecutive in y, the grid's outer loop) in rank order, so the sum
+// over a cluster is kept from block to block instead of in shared memory: the
+// block of rank 0 sets it, each next rank adds its own (the order in which
+// the GPU's owner adds them), and the last rank writes every output. The
+// cluster barrier has nothing to wait for.
+namespace qmm_emu {
+inline float* cluster_sums(int bx, int cluster, int n) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, std::vector<float>> sums;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& v = sums[{bx, cluster}];
+  if (static_cast<int>(v.size()) < n) v.resize(n);  // by the block's first thread only
+  return v.data();
+}
+}  // namespace qmm_emu
+
+inline void qmm_cluster_sync() {}
+
+template <int CS, int OWNED, int THREADS, int BYTES>
+struct QmmClusterSum {
+  float* sums;
+  int rank;
+  int tid;
+  void init(float*, int thread) {
+    tid = thread;
+    rank = static_cast<int>(blockIdx.y) % CS;
+    sums = qmm_emu::cluster_sums(static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y) / CS,
+                                 CS * OWNED * THREADS);
+    qmm_emu::block_sync();  // no thread resizes the sums while another holds them
+  }
+  bool owns(int) const { return rank == CS - 1; }
+  void put(int e, float v) { add(e, v); }
+  void sync() {}
+  float total(int e, float own) {
+    add(e, own);
+    return sums[e * THREADS + tid];
+  }
+  void add(int e, float v) {
+    float& s = sums[e * THREADS + tid];
+    s = rank == 0 ? v : s + v;
+  }
+};
 
 template <typename T, int N>
 struct QmmWgmma {

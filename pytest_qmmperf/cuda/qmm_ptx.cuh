@@ -240,4 +240,72 @@ struct QmmWgmma<T, 64> {
 #endif
   }
 };
+// Thread-block clusters (sm_90): K split over the CS blocks of a cluster, each
+// holding partial sums of the same outputs in the same registers. Accumulator
+// e of every thread belongs to the block of rank e % CS. init() waits until
+// every block of the cluster is past its K loop, so that no block reads the
+// shared memory `slots` points at any more. put() sends a partial sum to its
+// owner: into the owner's slots, in the part kept for this block's rank (CS - 1
+// parts of OWNED x THREADS floats, inside the BYTES at `slots`; the owner keeps
+// its own sum in a register); after sync(), total() adds the CS blocks' sums in
+// rank order. Every thread of
+// a block calls init() and sync(); only kernels launched with a cluster shape
+// use it (the generator's cluster header, which refuses older GPUs).
+__device__ __forceinline__ void qmm_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+template <int CS, int OWNED, int THREADS, int BYTES>
+struct QmmClusterSum {
+#if defined(__CUDA_ARCH__)  // on the device (the host pass sees the layer's other x buffers)
+  static_assert((CS - 1) * OWNED * THREADS * 4 <= BYTES,
+                "the partial sums a block receives fit the shared memory it frees");
+#endif
+  float* slots;
+  int rank;
+  int tid;
+
+  __device__ __forceinline__ void init(float* s, int thread) {
+    slots = s;
+    tid = thread;
+    unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    rank = static_cast<int>(r);
+    qmm_cluster_sync();
+  }
+
+  __device__ __forceinline__ bool owns(int e) const { return e % CS == rank; }
+
+  // Where the owner of e keeps the sum of block `from` (not the owner).
+  __device__ __forceinline__ int slot(int e, int from) const {
+    const int part = from < e % CS ? from : from - 1;
+    return (part * OWNED + e / CS) * THREADS + tid;
+  }
+
+  __device__ __forceinline__ void put(int e, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(remote)
+                 : "r"(qmm_smem_addr(slots + slot(e, rank))), "r"(e % CS));
+    asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+#endif
+  }
+
+  __device__ __forceinline__ void sync() { qmm_cluster_sync(); }
+
+  __device__ __forceinline__ float total(int e, float own) const {
+    float v = rank == 0 ? own : slots[slot(e, 0)];
+#pragma unroll
+    for (int r = 1; r < CS; ++r) {
+      v += r == rank ? own : slots[slot(e, r)];
+    }
+    return v;
+  }
+};
 #endif  // QMMPERF_CUDA_QMM_PTX

@@ -40,6 +40,8 @@ SIMD = 32
 MAX_THREADS = 1024
 #: Threadgroup memory of an Apple GPU threadgroup (CUDA's static limit is 48 KiB).
 TG_MEMORY_LIMIT = 32768
+#: The largest thread-block cluster CUDA guarantees to launch.
+MAX_CLUSTER = 8
 #: Halves of padding per shared-memory row: keeps 16-byte rows and spreads banks.
 PAD = 8
 #: Fragment granularity. Tokens: 8 (Metal's 8x8 simdgroup matrix, the N of
@@ -125,6 +127,14 @@ def _check_splits(name: str, splits: Any) -> None:
     _positive(name, "splits", splits)
     if splits > MAX_TILE_SPLITS:
         raise TileError(f"{name}: splits={splits} exceeds {MAX_TILE_SPLITS} blocks per output tile")
+
+
+def _check_clusters(name: str, clusters: Any) -> None:
+    """Blocks of a thread-block cluster that split K (wide kernel, CUDA)."""
+    _positive(name, "clusters", clusters)
+    if clusters > MAX_CLUSTER:
+        raise TileError(f"{name}: clusters={clusters} exceeds {MAX_CLUSTER} blocks, the "
+                        "largest thread-block cluster CUDA guarantees to launch")
 
 
 def _check_block_registers(name: str, threads: int, registers: int, remedy: str) -> None:
@@ -455,12 +465,20 @@ class WideConfig:
     in wgmma's layout (three buffers, 48 KiB at 64 tokens); every other
     configuration, and every other GPU, with ``mma.sync`` (Metal: simdgroup
     matrices) from two buffers.
+
+    ``clusters`` (``:cS``, CUDA on sm_90 and later) splits K over the S
+    blocks of a thread-block cluster instead: after the K loop each block
+    puts the partial sums of the outputs it does not own into their owner's
+    shared memory (where x was staged), and each owner adds the S blocks'
+    sums in block order and writes ``T``, so no planes and no second kernel
+    (PERFORMANCE.md 6v).  Metal has no clusters and refuses it.
     """
 
     warps: int = 4
     rows: int = 2
     tokens: int = 64
     splits: int = 1
+    clusters: int = 1
     decode_max_m: int = DEFAULT_DECODE_MAX_M
     #: From this M on, the weights are dequantized by the family's dequant kernel
     #: and multiplied by MLX's dense matmul (``g`` in the name); 0: never.
@@ -478,6 +496,7 @@ class WideConfig:
             _positive(name, label, getattr(self, label))
         _check_splits(name, self.splits)
         _check_warps(name, self.warps)
+        _check_clusters(name, self.clusters)
         _non_negative(name, "decode_max_m", self.decode_max_m)
         _non_negative(name, "gemm_min_m", self.gemm_min_m)
         _non_negative(name, "mlx_max_m", self.mlx_max_m)
@@ -509,6 +528,23 @@ class WideConfig:
             )
         _check_block_registers(name, self.threads, self.live_registers + REGISTER_OVERHEAD,
                                "use fewer warps")
+        if self.clusters > 1:
+            if self.splits > 1:
+                raise TileError(
+                    f"{name}: splits K both into planes (k{self.splits}) and over a cluster "
+                    f"(c{self.clusters}); use one"
+                )
+            if self.accumulators % self.clusters:
+                raise TileError(
+                    f"{name}: a thread's {self.accumulators} accumulators do not divide among "
+                    f"the cluster's {self.clusters} blocks"
+                )
+            if self.cluster_bytes > self.cuda_shared_bytes:
+                raise TileError(
+                    f"{name}: the cluster's partial sums need {self.cluster_bytes} bytes of a "
+                    f"block's shared memory, more than the {self.cuda_shared_bytes} its x "
+                    "buffers free; use fewer clusters, rows or tokens"
+                )
 
     @property
     def threads(self) -> int:
@@ -517,6 +553,13 @@ class WideConfig:
     @property
     def rows_per_block(self) -> int:
         return FRAG_ROWS * self.rows * self.warps
+
+    @property
+    def cluster_bytes(self) -> int:
+        """What a block receives from the other blocks of its cluster: their partial sums
+        of the outputs it owns, 1/clusters of each thread's accumulators."""
+        owned = self.accumulators // self.clusters
+        return (self.clusters - 1) * owned * self.threads * 4
 
     @property
     def accumulators(self) -> int:
@@ -528,6 +571,17 @@ class WideConfig:
         :data:`WIDE_ROW_PITCH` halves (the CUDA layer's wgmma form takes a
         third, inside CUDA's 48 KiB of static shared memory)."""
         return 2 * self.tokens * WIDE_ROW_PITCH * 2
+
+    @property
+    def wgmma(self) -> bool:
+        """Whether the CUDA layer multiplies with ``wgmma`` on Hopper (its
+        ``qmm_wide_wgmma``: 64 tokens, whole warpgroups, two or more fragments a warp)."""
+        return self.tokens == 64 and self.warps % 4 == 0 and self.rows >= 2
+
+    @property
+    def cuda_shared_bytes(self) -> int:
+        """The staged activations on a Hopper GPU: a third buffer for ``wgmma``."""
+        return (3 if self.wgmma else 2) * self.tokens * WIDE_ROW_PITCH * 2
 
     @property
     def live_registers(self) -> int:
@@ -542,6 +596,8 @@ class WideConfig:
         name = f"{FAMILY}:wide:w{self.warps}r{self.rows}m{self.tokens}"
         if self.splits != 1:
             name += f":k{self.splits}"
+        if self.clusters != 1:
+            name += f":c{self.clusters}"
         if self.decode_max_m != DEFAULT_DECODE_MAX_M:
             name += f":d{self.decode_max_m}"
         if self.gemm_min_m:
@@ -552,7 +608,7 @@ class WideConfig:
 
     def params(self) -> dict[str, Any]:
         return {"kernel": "wide", "warps": self.warps, "rows": self.rows,
-                "tokens": self.tokens, "splits": self.splits,
+                "tokens": self.tokens, "splits": self.splits, "clusters": self.clusters,
                 "decode_max_m": self.decode_max_m, "gemm_min_m": self.gemm_min_m,
                 "mlx_max_m": self.mlx_max_m,
                 "threads": self.threads, "shared_bytes": self.shared_bytes}
@@ -598,15 +654,15 @@ _TILE_RE = re.compile(
 )
 _SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?(?P<h>h)?(?P<p>p)?)?$")
 _WIDE_RE = re.compile(
-    r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?(?::g(?P<g>\d+))?"
-    r"(?::q(?P<q>\d+))?$"
+    r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::c(?P<c>\d+))?(?::d(?P<d>\d+))?"
+    r"(?::g(?P<g>\d+))?(?::q(?P<q>\d+))?$"
 )
 _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(?P<k>\d+))?)?$")
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
     f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS][h][p]] "
-    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:dMAXM][:gMINM][:qMAXM] "
+    f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:cCLUSTER][:dMAXM][:gMINM][:qMAXM] "
     f"or {FAMILY}:dequant"
 )
 
@@ -638,6 +694,7 @@ def parse_name(name: str) -> KernelConfig:
     if m:
         return WideConfig(
             warps=int(m["w"]), rows=int(m["r"]), tokens=int(m["m"]), splits=int(m["k"] or 1),
+            clusters=int(m["c"] or 1),
             decode_max_m=int(m["d"]) if m["d"] is not None else DEFAULT_DECODE_MAX_M,
             gemm_min_m=int(m["g"] or 0), mlx_max_m=int(m["q"] or 0),
         )

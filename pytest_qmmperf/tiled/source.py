@@ -36,6 +36,7 @@ from pytest_qmmperf.tiled.config import (
     KernelConfig,
     SkinnyConfig,
     TileConfig,
+    TileError,
     WideConfig,
     output_planes,
 )
@@ -709,12 +710,10 @@ _WIDE_BODY = Template("""\
 $prologue
   const int KW = K / PACK;
   const int G = K / GS;
-  const int MB = (M + TOK - 1) / TOK;
-  const int bz = by / MB;
-  const int m0 = (by % MB) * TOK;
+$parts
   const int nw = bx * W * RF * 16 + int(warp) * RF * 16;
   // Part bz of K: super-steps [bz * PER, (bz + 1) * PER) of the K / 128.
-  const int PER = ((K + 127) / 128 + KS - 1) / KS;
+  const int PER = ((K + 127) / 128 + $NPARTS - 1) / $NPARTS;
   const int kbeg = bz * PER * 128;
   const int kend = kbeg + PER * 128 < K ? kbeg + PER * 128 : K;
 
@@ -779,8 +778,62 @@ $load
     buf = buf + 1 == XB ? 0 : buf + 1;
   }
   wd.finish();
-  wd.frag.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);
+$epilogue
 """)
+
+# The wide kernel's parts of K: planes (KS, the part major in y) or the blocks of a
+# cluster (CS, consecutive in y), and what it writes.
+_WIDE_PLANE_PARTS = """\
+  const int MB = (M + TOK - 1) / TOK;
+  const int bz = by / MB;
+  const int m0 = (by % MB) * TOK;"""
+
+_WIDE_PLANE_STORE = """\
+  wd.frag.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);"""
+
+_WIDE_CLUSTER_PARTS = """\
+  // K split over the CS blocks of a thread-block cluster, consecutive in y.
+  constexpr int CS = $CS;
+  const int bz = by % CS;
+  const int m0 = (by / CS) * TOK;"""
+
+_WIDE_CLUSTER_STORE = """\
+  // The cluster adds its CS partial sums (the layer's QmmClusterSum, in the x
+  // buffers, which no block reads any more): accumulator e belongs to block
+  // e % CS, which adds the CS blocks' sums in block order and writes T.
+  constexpr int ACCS = RF * 4 * (TOK / 8);  // accumulators a thread holds
+  static_assert(ACCS % CS == 0, "each block owns as many of a thread's accumulators");
+  QmmClusterSum<CS, ACCS / CS, THREADS, int(sizeof(xs_raw))> cs;
+  cs.init((${tg}float*)xs_raw, int(tid));
+#pragma unroll
+  for (int e = 0; e < ACCS; ++e) {
+    if (!cs.owns(e)) {
+      cs.put(e, wd.frag.value(e));
+    }
+  }
+  cs.sync();
+#pragma unroll
+  for (int e = 0; e < ACCS; ++e) {
+    const int m = m0 + wd.frag.token(e);
+    const int n = nw + wd.frag.out_row(e);
+    if (cs.owns(e) && m < M && n < N) {
+      out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(cs.total(e, wd.frag.value(e)));
+    }
+  }"""
+
+#: Ahead of a cluster kernel's header (CUDA). MLX writes the kernel's signature
+#: itself and takes no cluster shape, but the header comes before it, so the shape
+#: rides on ``__global__`` (PERFORMANCE.md 6u: so launched, alone and in MLX's CUDA
+#: graphs). Not in the CPU emulation, which runs a cluster's blocks in turn.
+_CLUSTER_HEADER = """\
+#if !defined(QMMPERF_CUDA_CPU_EMULATION)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#error "qmmperf: this kernel splits K over a thread-block cluster, which needs sm_90 or later"
+#endif
+#undef __global__
+#define __global__ __location__(global) __cluster_dims__(1, $CS, 1)
+#endif
+"""
 
 
 _DEQUANT_BODY = Template("""\
@@ -840,6 +893,15 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
     }
     weights = Template(_FRAG_WEIGHTS)
     if template is _WIDE_BODY:
+        cluster = int(str(values["CS"])) > 1
+        values = {
+            **values,
+            "parts": Template(_WIDE_CLUSTER_PARTS if cluster else _WIDE_PLANE_PARTS
+                              ).substitute(values),
+            "NPARTS": "CS" if cluster else "KS",
+            "epilogue": Template(_WIDE_CLUSTER_STORE if cluster else _WIDE_PLANE_STORE
+                                 ).substitute(tg=dialect.tg),
+        }
         snippets["load"] = Template(_WIDE_LOAD).substitute(dev=dialect.dev, weights=_indent_free(
             weights.substitute(dev=dialect.dev, frag="wd.frag", n="nw", k="kl", w="wn", s="sn",
                                b="bn", load_w="qmm_load_w", FR=16, H=2)))
@@ -986,12 +1048,18 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
                        GS=group_size)
         stem = f"qmmperf_skinny_w{config.warps}r{config.rows}_b{bits}_g{group_size}_{language}"
     elif isinstance(config, WideConfig):
+        if config.clusters > 1 and language != "cuda":
+            raise TileError(
+                f"{config.name}: splits K over a thread-block cluster (c{config.clusters}), "
+                f"which {language} does not have; only the CUDA kernel (sm_90 and later) does"
+            )
         body = _render(
             _WIDE_BODY, dialect, W=config.warps, RF=config.rows, TOK=config.tokens,
-            KS=config.splits, BITS=bits, GS=group_size, XP=WIDE_ROW_PITCH,
+            KS=config.splits, CS=config.clusters, BITS=bits, GS=group_size, XP=WIDE_ROW_PITCH,
         )
+        cluster = f"c{config.clusters}" if config.clusters > 1 else ""
         stem = (f"qmmperf_wide_w{config.warps}r{config.rows}m{config.tokens}k{config.splits}"
-                f"_b{bits}_g{group_size}_{language}")
+                f"{cluster}_b{bits}_g{group_size}_{language}")
     elif isinstance(config, DequantConfig):
         body = _render(_DEQUANT_BODY, dialect, THREADS=config.threads, BITS=bits,
                        GS=group_size)
@@ -1007,6 +1075,8 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
     header = prune(header, body)
+    if isinstance(config, WideConfig) and config.clusters > 1:
+        header = Template(_CLUSTER_HEADER).substitute(CS=config.clusters) + header
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
         threads=config.threads, output_dtype="float32" if output_planes(config) > 1 else None,
@@ -1060,7 +1130,8 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     if isinstance(config, TileConfig):
         blocks = (_ceil_div(N, config.bn), _ceil_div(M, config.bm) * config.splits)
     elif isinstance(config, WideConfig):
-        blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, config.tokens) * config.splits)
+        blocks = (_ceil_div(N, config.rows_per_block),
+                  _ceil_div(M, config.tokens) * config.splits * config.clusters)
     elif isinstance(config, DequantConfig):
         blocks = (N, 1)  # one weight row a block, whatever M
     elif isinstance(config, SkinnyConfig):

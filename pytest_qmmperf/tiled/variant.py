@@ -126,11 +126,17 @@ class TiledQmm:
         return self.decode if M == 1 else self.skinny
 
     def supports(self, spec: QmmSpec) -> str | None:
-        return spec_reason(
+        reason = spec_reason(
             self.config, M=spec.M, N=spec.N, K=spec.K, bits=spec.bits,
             group_size=spec.group_size, mode=spec.mode, transpose=spec.transpose,
             dtype=spec.dtype,
         )
+        config = self.config
+        if (reason is None and isinstance(config, WideConfig) and config.clusters > 1
+                and backend() == "metal"):
+            reason = (f"clusters={config.clusters}: K split over a thread-block cluster, "
+                      "which Metal does not have (CUDA, sm_90 and later)")
+        return reason
 
     def __call__(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                  transpose: bool = True, group_size: int = 64, bits: int = 4,

@@ -240,6 +240,7 @@ struct QmmWgmma<T, 64> {
 #endif
   }
 };
+
 // Thread-block clusters (sm_90): K split over the CS blocks of a cluster, each
 // holding partial sums of the same outputs in the same registers. Accumulator
 // e of every thread belongs to the block of rank e % CS. init() waits until
@@ -248,9 +249,9 @@ struct QmmWgmma<T, 64> {
 // owner: into the owner's slots, in the part kept for this block's rank (CS - 1
 // parts of OWNED x THREADS floats, inside the BYTES at `slots`; the owner keeps
 // its own sum in a register); after sync(), total() adds the CS blocks' sums in
-// rank order. Every thread of
-// a block calls init() and sync(); only kernels launched with a cluster shape
-// use it (the generator's cluster header, which refuses older GPUs).
+// rank order. Every thread of a block calls init() and sync(); only kernels
+// launched with a cluster shape use it (the generator's cluster header, which
+// refuses older GPUs).
 __device__ __forceinline__ void qmm_cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
@@ -260,7 +261,7 @@ __device__ __forceinline__ void qmm_cluster_sync() {
 
 template <int CS, int OWNED, int THREADS, int BYTES>
 struct QmmClusterSum {
-#if defined(__CUDA_ARCH__)  // on the device (the host pass sees the layer's other x buffers)
+#if defined(__CUDA_ARCH__)  // the device pass: nvcc's host pass sees the non-Hopper x buffers
   static_assert((CS - 1) * OWNED * THREADS * 4 <= BYTES,
                 "the partial sums a block receives fit the shared memory it frees");
 #endif

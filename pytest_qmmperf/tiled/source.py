@@ -693,7 +693,9 @@ _WIDE_BODY = Template("""\
   // pair order. The buffers (two; three for CUDA's wgmma) take turns, so
   // a super-step needs one barrier (after staging); the layer's QmmWide
   // picks the matrix unit. With KS > 1, out is float32 (KS, M, N) and part
-  // bz writes plane bz; the caller adds the planes.
+  // bz writes plane bz; the caller adds the planes. With CS > 1 (CUDA) the
+  // parts are the blocks of a thread-block cluster, which add their partial
+  // sums among themselves and write T.
   constexpr int W = $W;
   constexpr int RF = $RF;
   constexpr int TOK = $TOK;

@@ -154,12 +154,9 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w8r2m64:k2:c2", "splits K both into planes (k2) and over a cluster (c2)"),
         ("tiled:wide:w8r2m64:c16", "clusters=16 exceeds 8 blocks, the largest thread-block"),
         ("tiled:wide:w8r2m64:c0", "clusters=0 must be a positive integer"),
-        # 24 accumulators a thread (2 x 16 rows x 24 tokens / 32) over 5 blocks
-        ("tiled:wide:w4r2m24:c5", "a thread's 24 accumulators do not divide among the cluster's 5"),
-        # 7 of 8 parts of 64 accumulators x 256 threads x 4 bytes, over 3 x 16 KiB of x buffers
-        ("tiled:wide:w8r2m64:c8", "57344 bytes of a block's shared memory, more than the 49152"),
-        # mma.sync (48 tokens): two x buffers of 48 x 128 halves; 7 x 6 x 256 x 4 bytes
-        ("tiled:wide:w8r2m48:c8", "43008 bytes of a block's shared memory, more than the 24576"),
+        # a sum from each of 7 other blocks for 256 threads: 7168 bytes; two x buffers of 8
+        # tokens x 128 halves: 4096
+        ("tiled:wide:w8r1m8:c8", "other 7 blocks needs 7168 bytes, more than the 4096"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -343,6 +340,17 @@ def test_each_kernel_asks_for_the_dequantization_form_it_measured_fastest_with(l
     assert "sk.load_x(" in skinny8
     for name in ("tiled:wide:w8r2m64", "tiled:decode", "tiled:dequant"):
         assert "QMM_OPS_" not in body(name), name
+
+@pytest.mark.parametrize(("name", "rounds"), [
+    ("tiled:wide:w8r2m64:c2", 1),  # 32 of 64 owned x 256 threads x 4 bytes: 32 KiB of 48
+    ("tiled:wide:w8r2m64:c4", 1),  # 3 x 16 x 1 KiB = 48 KiB, exactly
+    ("tiled:wide:w8r2m64:c5", 2),  # 13 owned (64 / 5 rounded up), 4 x 1 KiB each: 12 fit a round
+    ("tiled:wide:w8r2m64:c8", 2),  # 8 owned, 7 KiB each: 6 fit a round
+    ("tiled:wide:w4r1m16:c3", 1),
+])
+def test_cluster_exchange_rounds(name, rounds):
+    assert parse_name(name).cluster_rounds == rounds
+
 
 def test_a_cluster_split_is_cuda_only_and_carries_its_cluster_shape():
     config = parse_name("tiled:wide:w8r2m64:c2")

@@ -189,7 +189,7 @@ def test_every_asm_load_of_the_cuda_layer_is_predicated_or_volatile():
 
 @needs_nvcc
 @pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:c2", "tiled:wide:w8r2m64:c4",
-                                  "tiled:wide:w4r2m32:c4"])
+                                  "tiled:wide:w8r2m64:c5", "tiled:wide:w4r2m32:c4"])
 def test_cluster_kernels_compile_for_hopper_and_refuse_older_gpus(name, tmp_path):
     config = parse_name(name)
     src = generate(config, bits=4, group_size=64, language="cuda")
@@ -318,14 +318,19 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=2), 4, 32, "bflo
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=4), 8, 64, "float16"),
                  QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
 # wide with K split over a thread-block cluster (CUDA only): the same shapes as the
-# planes above, parts that own no super-step (c4 over 2), and an uneven split (5
-# super-steps in 3 parts) in the mma.sync form
+# planes above, parts that own no super-step (c4 over 2), an uneven split (5
+# super-steps in 3 parts) in the mma.sync form, accumulators that do not divide among
+# the blocks (12 over 5), and sums exchanged in two rounds (c8)
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=2), 4, 32, "bfloat16"),
                  QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=4), 8, 64, "float16"),
                  QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
 EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=3), 8, 32, "bfloat16"),
                  QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=5), 4, 64, "float16"),
+                 QmmSpec(M=25, N=40, K=704, bits=4, group_size=64)))
+EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=8), 4, 32, "float16"),
+                 QmmSpec(M=64, N=256, K=1024, bits=4, group_size=32)))
 # the dequant kernel (checked against mx.dequantize): every bit width and dtype,
 # rows of 2-4 groups, K at one group, and a row longer than a block's threads
 for _bits, _gs, _dtype, _N, _K in ((4, 64, "float16", 5, 320), (8, 32, "bfloat16", 3, 96),

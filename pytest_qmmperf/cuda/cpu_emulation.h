@@ -298,8 +298,12 @@ inline float* cluster_sums(int bx, int cluster, int n) {
 
 inline void qmm_cluster_sync() {}
 
-template <int CS, int OWNED, int THREADS, int BYTES>
+template <int CS, int ACCS, int THREADS, int BYTES>
 struct QmmClusterSum {
+  static constexpr int OWNED = (ACCS + CS - 1) / CS;
+  static constexpr int PER_ROUND_MAX = BYTES / ((CS - 1) * THREADS * 4);
+  static constexpr int ROUNDS = (OWNED + PER_ROUND_MAX - 1) / PER_ROUND_MAX;
+  static constexpr int PER_ROUND = (OWNED + ROUNDS - 1) / ROUNDS;
   float* sums;
   int rank;
   int tid;
@@ -307,9 +311,10 @@ struct QmmClusterSum {
     tid = thread;
     rank = static_cast<int>(blockIdx.y) % CS;
     sums = qmm_emu::cluster_sums(static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y) / CS,
-                                 CS * OWNED * THREADS);
+                                 ACCS * THREADS);
     qmm_emu::block_sync();  // no thread resizes the sums while another holds them
   }
+  static constexpr int round_of(int e) { return e / CS / PER_ROUND; }
   bool owns(int) const { return rank == CS - 1; }
   void put(int e, float v) { add(e, v); }
   void sync() {}

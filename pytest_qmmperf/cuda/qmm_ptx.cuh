@@ -242,16 +242,17 @@ struct QmmWgmma<T, 64> {
 };
 
 // Thread-block clusters (sm_90): K split over the CS blocks of a cluster, each
-// holding partial sums of the same outputs in the same registers. Accumulator
-// e of every thread belongs to the block of rank e % CS. init() waits until
+// holding partial sums of the same ACCS accumulators a thread. Accumulator e
+// belongs to the block of rank e % CS, as its (e / CS)-th. init() waits until
 // every block of the cluster is past its K loop, so that no block reads the
-// shared memory `slots` points at any more. put() sends a partial sum to its
-// owner: into the owner's slots, in the part kept for this block's rank (CS - 1
-// parts of OWNED x THREADS floats, inside the BYTES at `slots`; the owner keeps
-// its own sum in a register); after sync(), total() adds the CS blocks' sums in
-// rank order. Every thread of a block calls init() and sync(); only kernels
-// launched with a cluster shape use it (the generator's cluster header, which
-// refuses older GPUs).
+// BYTES of shared memory at `slots` any more. The blocks then exchange their
+// sums in ROUNDS rounds, each of which moves at most PER_ROUND of a block's
+// owned accumulators (what the BYTES hold from the CS - 1 other blocks): put()
+// writes a sum into its owner's slots, in the part kept for this block's rank
+// (the owner keeps its own sum in a register); after sync(), total() adds the
+// CS blocks' sums in rank order; a sync() separates two rounds. Every thread
+// of a block calls init() and sync(); only kernels launched with a cluster
+// shape use it (the generator's cluster header, which refuses older GPUs).
 __device__ __forceinline__ void qmm_cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
@@ -259,12 +260,13 @@ __device__ __forceinline__ void qmm_cluster_sync() {
 #endif
 }
 
-template <int CS, int OWNED, int THREADS, int BYTES>
+template <int CS, int ACCS, int THREADS, int BYTES>
 struct QmmClusterSum {
-#if defined(__CUDA_ARCH__)  // the device pass: nvcc's host pass sees the non-Hopper x buffers
-  static_assert((CS - 1) * OWNED * THREADS * 4 <= BYTES,
-                "the partial sums a block receives fit the shared memory it frees");
-#endif
+  static constexpr int OWNED = (ACCS + CS - 1) / CS;
+  static constexpr int PER_ROUND_MAX = BYTES / ((CS - 1) * THREADS * 4);
+  static_assert(PER_ROUND_MAX >= 1, "the shared memory holds a round of the other blocks' sums");
+  static constexpr int ROUNDS = (OWNED + PER_ROUND_MAX - 1) / PER_ROUND_MAX;
+  static constexpr int PER_ROUND = (OWNED + ROUNDS - 1) / ROUNDS;
   float* slots;
   int rank;
   int tid;
@@ -280,12 +282,14 @@ struct QmmClusterSum {
     qmm_cluster_sync();
   }
 
+  static constexpr __device__ __forceinline__ int round_of(int e) { return e / CS / PER_ROUND; }
+
   __device__ __forceinline__ bool owns(int e) const { return e % CS == rank; }
 
-  // Where the owner of e keeps the sum of block `from` (not the owner).
+  // Where the owner of e keeps the sum of block `from` (not the owner) in e's round.
   __device__ __forceinline__ int slot(int e, int from) const {
     const int part = from < e % CS ? from : from - 1;
-    return (part * OWNED + e / CS) * THREADS + tid;
+    return (part * PER_ROUND + (e / CS) % PER_ROUND) * THREADS + tid;
   }
 
   __device__ __forceinline__ void put(int e, float v) {

@@ -469,9 +469,10 @@ class WideConfig:
     ``clusters`` (``:cS``, CUDA on sm_90 and later) splits K over the S
     blocks of a thread-block cluster instead: after the K loop each block
     puts the partial sums of the outputs it does not own into their owner's
-    shared memory (where x was staged), and each owner adds the S blocks'
-    sums in block order and writes ``T``, so no planes and no second kernel
-    (PERFORMANCE.md 6v).  Metal has no clusters and refuses it.
+    shared memory (where x was staged; in :attr:`cluster_rounds` rounds where
+    they do not fit at once), and each owner adds the S blocks' sums in block
+    order and writes ``T``, so no planes and no second kernel (PERFORMANCE.md
+    6v).  Metal has no clusters and refuses it.
     """
 
     warps: int = 4
@@ -534,16 +535,12 @@ class WideConfig:
                     f"{name}: splits K both into planes (k{self.splits}) and over a cluster "
                     f"(c{self.clusters}); use one"
                 )
-            if self.accumulators % self.clusters:
+            if (self.clusters - 1) * self.threads * 4 > self.cuda_shared_bytes:
                 raise TileError(
-                    f"{name}: a thread's {self.accumulators} accumulators do not divide among "
-                    f"the cluster's {self.clusters} blocks"
-                )
-            if self.cluster_bytes > self.cuda_shared_bytes:
-                raise TileError(
-                    f"{name}: the cluster's partial sums need {self.cluster_bytes} bytes of a "
-                    f"block's shared memory, more than the {self.cuda_shared_bytes} its x "
-                    "buffers free; use fewer clusters, rows or tokens"
+                    f"{name}: one partial sum a thread from each of the cluster's other "
+                    f"{self.clusters - 1} blocks needs {(self.clusters - 1) * self.threads * 4} "
+                    f"bytes, more than the {self.cuda_shared_bytes} its x buffers free; use "
+                    "fewer clusters or more tokens"
                 )
 
     @property
@@ -555,11 +552,14 @@ class WideConfig:
         return FRAG_ROWS * self.rows * self.warps
 
     @property
-    def cluster_bytes(self) -> int:
-        """What a block receives from the other blocks of its cluster: their partial sums
-        of the outputs it owns, 1/clusters of each thread's accumulators."""
-        owned = self.accumulators // self.clusters
-        return (self.clusters - 1) * owned * self.threads * 4
+    def cluster_rounds(self) -> int:
+        """Rounds in which a cluster's blocks exchange their partial sums: a block owns
+        1/clusters of each thread's accumulators (rounded up) and receives the other
+        blocks' sums of them in its x buffers, as many a round as fit (the CUDA layer's
+        ``QmmClusterSum``)."""
+        owned = -(-self.accumulators // self.clusters)
+        per_round = self.cuda_shared_bytes // ((self.clusters - 1) * self.threads * 4)
+        return -(-owned // per_round)
 
     @property
     def accumulators(self) -> int:

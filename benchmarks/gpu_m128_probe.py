@@ -26,6 +26,12 @@ super-steps).  An ablated case computes garbage; its error is reported, not
 checked.  Times: a CUDA graph of 50+ launches over weight sets rotated past
 L2 (as ``gpu_kernels.event_time``), median of three.
 
+The probe keeps its own small PTX helpers (``smem``, ``desc``, ``hfma2``, ...),
+operands and graph-replay loop instead of the CUDA layer's ``qmm_*`` functions
+and ``gpu_decode.problem`` / ``gpu_kernels.kernel_time``, on purpose: switched to
+those, the same cases measured -18% to +5% apart (PERFORMANCE.md 6u), so 6u's
+figures are reproduced only by the code that produced them.
+
 ``cluster`` needs MLX (CUDA); the others only CuPy.  Each prints one JSON
 line a case and writes ``m128_probe_<probe>.json`` under ``$OUT`` (default
 ``results/``).

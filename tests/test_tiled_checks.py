@@ -317,16 +317,14 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=2), 4, 32, "bflo
                  QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, splits=4), 8, 64, "float16"),
                  QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
-# wide with K split over a thread-block cluster (CUDA only): the same shapes as the
-# planes above, parts that own no super-step (c4 over 2), an uneven split (5
-# super-steps in 3 parts) in the mma.sync form, accumulators that do not divide among
-# the blocks (12 over 5), and sums exchanged in two rounds (c8)
-EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=2), 4, 32, "bfloat16"),
-                 QmmSpec(M=70, N=40, K=1184, bits=4, group_size=32, dtype="bfloat16")))
-EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=4), 8, 64, "float16"),
-                 QmmSpec(M=64, N=24, K=256, bits=8, group_size=64)))
-EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=3), 8, 32, "bfloat16"),
-                 QmmSpec(M=30, N=40, K=608, bits=8, group_size=32, dtype="bfloat16")))
+# wide with K split over a thread-block cluster (CUDA only): each split above again,
+# its parts now the blocks of a cluster (uneven parts, parts that own no super-step,
+# both matrix forms); and accumulators that do not divide among the blocks (12 over 5),
+# and sums exchanged in two rounds (c8)
+EMULATED += [(dataclasses.replace(k, config=dataclasses.replace(k.config, splits=1,
+                                                                 clusters=k.config.splits)), spec)
+             for k, spec in list(EMULATED)
+             if isinstance(k.config, WideConfig) and k.config.splits > 1]
 EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=5), 4, 64, "float16"),
                  QmmSpec(M=25, N=40, K=704, bits=4, group_size=64)))
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=8), 4, 32, "float16"),

@@ -154,9 +154,13 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w8r2m64:k2:c2", "splits K both into planes (k2) and over a cluster (c2)"),
         ("tiled:wide:w8r2m64:c16", "clusters=16 exceeds 8 blocks, the largest thread-block"),
         ("tiled:wide:w8r2m64:c0", "clusters=0 must be a positive integer"),
-        # a sum from each of 7 other blocks for 256 threads: 7168 bytes; two x buffers of 8
-        # tokens x 128 halves: 4096
-        ("tiled:wide:w8r1m8:c8", "other 7 blocks needs 7168 bytes, more than the 4096"),
+        # 16 bytes of sums from each of 7 other blocks for 256 threads: 28672 bytes; two x
+        # buffers of 8 tokens x 128 halves: 4096
+        ("tiled:wide:w8r1m8:c8", "other 7 blocks needs 28672 bytes, more than the 4096"),
+        # the owned token rows staged as T: 8 rows of 8 x 2 x 16 weight rows (+ 8 of
+        # padding) x 2 bytes = 4224 bytes; two x buffers of 8 tokens: 4096
+        ("tiled:wide:w8r2m8:c2", "the 8 token rows a block of the cluster writes need 4224 "
+                                 "bytes staged, more than the 4096"),
     ],
 )
 def test_invalid_tiles_are_rejected_up_front(name, fragment):
@@ -342,10 +346,11 @@ def test_each_kernel_asks_for_the_dequantization_form_it_measured_fastest_with(l
         assert "QMM_OPS_" not in body(name), name
 
 @pytest.mark.parametrize(("name", "rounds"), [
-    ("tiled:wide:w8r2m64:c2", 1),  # 32 of 64 owned x 256 threads x 4 bytes: 32 KiB of 48
-    ("tiled:wide:w8r2m64:c4", 1),  # 3 x 16 x 1 KiB = 48 KiB, exactly
-    ("tiled:wide:w8r2m64:c5", 2),  # 13 owned (64 / 5 rounded up), 4 x 1 KiB each: 12 fit a round
-    ("tiled:wide:w8r2m64:c8", 2),  # 8 owned, 7 KiB each: 6 fit a round
+    # owned: 2 fragments x the 8 tiles / S rounded up, 16 bytes each for 256 threads (4 KiB)
+    ("tiled:wide:w8r2m64:c2", 1),  # 8 owned from 1 other block: 32 KiB of 48
+    ("tiled:wide:w8r2m64:c4", 1),  # 4 owned from 3 others: 48 KiB, exactly
+    ("tiled:wide:w8r2m64:c5", 2),  # 4 owned from 4 others: 3 fit a round
+    ("tiled:wide:w8r2m64:c8", 2),  # 2 owned from 7 others: 1 fits a round
     ("tiled:wide:w4r1m16:c3", 1),
 ])
 def test_cluster_exchange_rounds(name, rounds):

@@ -298,12 +298,9 @@ inline float* cluster_sums(int bx, int cluster, int n) {
 
 inline void qmm_cluster_sync() {}
 
-template <int CS, int ACCS, int THREADS, int BYTES>
+template <int CS, int TILES, int RF, int THREADS, int BYTES>
 struct QmmClusterSum {
-  static constexpr int OWNED = (ACCS + CS - 1) / CS;
-  static constexpr int PER_ROUND_MAX = BYTES / ((CS - 1) * THREADS * 4);
-  static constexpr int ROUNDS = (OWNED + PER_ROUND_MAX - 1) / PER_ROUND_MAX;
-  static constexpr int PER_ROUND = (OWNED + ROUNDS - 1) / ROUNDS;
+  static constexpr int ACCS = RF * 4 * TILES;
   float* sums;
   int rank;
   int tid;
@@ -314,17 +311,17 @@ struct QmmClusterSum {
                                  ACCS * THREADS);
     qmm_emu::block_sync();  // no thread resizes the sums while another holds them
   }
-  static constexpr int round_of(int e) { return e / CS / PER_ROUND; }
-  bool owns(int) const { return rank == CS - 1; }
-  void put(int e, float v) { add(e, v); }
-  void sync() {}
-  float total(int e, float own) {
-    add(e, own);
-    return sums[e * THREADS + tid];
-  }
-  void add(int e, float v) {
-    float& s = sums[e * THREADS + tid];
-    s = rank == 0 ? v : s + v;
+  template <typename T, typename F>
+  void run(const F& frag, T* out, int m0, int nb, int nl, int M, int N) {
+    for (int e = 0; e < ACCS; ++e) {
+      float& s = sums[e * THREADS + tid];
+      s = rank == 0 ? frag.value(e) : s + frag.value(e);
+      const int m = m0 + frag.token(e);
+      const int n = nb + nl + frag.out_row(e);
+      if (rank == CS - 1 && m < M && n < N) {
+        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(s);
+      }
+    }
   }
 };
 

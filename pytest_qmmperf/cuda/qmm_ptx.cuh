@@ -242,17 +242,21 @@ struct QmmWgmma<T, 64> {
 };
 
 // Thread-block clusters (sm_90): K split over the CS blocks of a cluster, each
-// holding partial sums of the same ACCS accumulators a thread. Accumulator e
-// belongs to the block of rank e % CS, as its (e / CS)-th. init() waits until
-// every block of the cluster is past its K loop, so that no block reads the
-// BYTES of shared memory at `slots` any more. The blocks then exchange their
-// sums in ROUNDS rounds, each of which moves at most PER_ROUND of a block's
-// owned accumulators (what the BYTES hold from the CS - 1 other blocks): put()
-// writes a sum into its owner's slots, in the part kept for this block's rank
-// (the owner keeps its own sum in a register); after sync(), total() adds the
-// CS blocks' sums in rank order; a sync() separates two rounds. Every thread
-// of a block calls init() and sync(); only kernels launched with a cluster
+// holding partial sums of the same accumulators: RF fragments of TILES 8-token
+// tiles, four a tile (QmmRowFrags' acc[f][i][0..3], two rows by two tokens).
+// Tile i's sums belong to the block of rank i % CS, which owns whole token rows
+// of the block's output that way (NT of its tiles a fragment; its owned float4
+// k = f * NT + i / CS). run(): once every block of the cluster is past its K
+// loop (so none reads the BYTES of shared memory at `slots` any more), each
+// block puts the float4s it does not own into their owner's slots, one 16-byte
+// st.shared::cluster each, in the part kept for its rank. In ROUNDS rounds of
+// at most PER_ROUND owned float4s (what the BYTES hold from the CS - 1 other
+// blocks), a cluster barrier between two. The owner adds the CS blocks' sums
+// in rank order, stages its totals as T in the same shared memory ([token]
+// [row], rows padded by 8) and writes whole 16-byte runs of its token rows.
+// Every thread of a block calls run(); only kernels launched with a cluster
 // shape use it (the generator's cluster header, which refuses older GPUs).
+// PERFORMANCE.md 6w: 16-byte puts and staged stores against one float each.
 __device__ __forceinline__ void qmm_cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
@@ -260,16 +264,27 @@ __device__ __forceinline__ void qmm_cluster_sync() {
 #endif
 }
 
-template <int CS, int ACCS, int THREADS, int BYTES>
+template <int CS, int TILES, int RF, int THREADS, int BYTES>
 struct QmmClusterSum {
-  static constexpr int OWNED = (ACCS + CS - 1) / CS;
-  static constexpr int PER_ROUND_MAX = BYTES / ((CS - 1) * THREADS * 4);
-  static_assert(PER_ROUND_MAX >= 1, "the shared memory holds a round of the other blocks' sums");
-  static constexpr int ROUNDS = (OWNED + PER_ROUND_MAX - 1) / PER_ROUND_MAX;
+  static constexpr int NT_MAX = (TILES + CS - 1) / CS;  // tiles a fragment rank 0 owns
+  static constexpr int OWNED = RF * NT_MAX;              // float4s a thread owns at most
+  static constexpr int PER_ROUND_MAX = BYTES / ((CS - 1) * THREADS * 16);
+  static constexpr int ROUNDS = PER_ROUND_MAX > 0 ? (OWNED + PER_ROUND_MAX - 1) / PER_ROUND_MAX : 1;
   static constexpr int PER_ROUND = (OWNED + ROUNDS - 1) / ROUNDS;
+  static constexpr int ROWS = THREADS / 32 * RF * 16;  // weight rows of the block
+  static constexpr int PITCH = ROWS + 8;               // a staged token row, in T
   float* slots;
   int rank;
   int tid;
+
+  // Tiles a fragment the block of rank r owns, and the place of tile i's float4 in
+  // its owner's (fragment f): both known at compile time where r and i are.
+  static constexpr __device__ __forceinline__ int tiles_of(int r) {
+    return (TILES - r + CS - 1) / CS;
+  }
+  static constexpr __device__ __forceinline__ int owned_index(int f, int i) {
+    return f * tiles_of(i % CS) + i / CS;
+  }
 
   __device__ __forceinline__ void init(float* s, int thread) {
     slots = s;
@@ -279,38 +294,117 @@ struct QmmClusterSum {
     asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
 #endif
     rank = static_cast<int>(r);
-    qmm_cluster_sync();
   }
 
-  static constexpr __device__ __forceinline__ int round_of(int e) { return e / CS / PER_ROUND; }
-
-  __device__ __forceinline__ bool owns(int e) const { return e % CS == rank; }
-
-  // Where the owner of e keeps the sum of block `from` (not the owner) in e's round.
-  __device__ __forceinline__ int slot(int e, int from) const {
-    const int part = from < e % CS ? from : from - 1;
-    return (part * PER_ROUND + (e / CS) % PER_ROUND) * THREADS + tid;
+  // Where the owner keeps the float4 with owned index k that block `from` sent.
+  __device__ __forceinline__ float4* slot(int k, int from, int owner) const {
+    const int part = from < owner ? from : from - 1;
+    return reinterpret_cast<float4*>(slots) + (part * PER_ROUND + k % PER_ROUND) * THREADS + tid;
   }
 
-  __device__ __forceinline__ void put(int e, float v) {
+  // out[m0 + token][nb + row] for the frag's sums, added over the cluster;
+  // nl: the warp's first row in the block.
+  template <typename T, typename F>
+  __device__ __forceinline__ void run(const F& frag, T* out, int m0, int nb, int nl, int M,
+                                      int N) {
+#if defined(__CUDA_ARCH__)  // the device pass's x buffers (nvcc's host pass sees fewer)
+    static_assert(PER_ROUND_MAX >= 1, "the shared memory holds a round of the other blocks' sums");
+    static_assert(NT_MAX * 8 * PITCH * int(sizeof(T)) <= BYTES,
+                  "the shared memory holds the owned token rows");
+#endif
+    float tot[RF][NT_MAX][4];
+#pragma unroll
+    for (int r = 0; r < ROUNDS; ++r) {
+      qmm_cluster_sync();  // past the K loop (r = 0), or the last round's slots are read
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+          const int k = owned_index(f, i);
+          if (k / PER_ROUND == r && i % CS != rank) {
+            put(slot(k, rank, i % CS), i % CS, frag.acc[f][i]);
+          }
+        }
+      }
+      qmm_cluster_sync();
+#pragma unroll
+      for (int f = 0; f < RF; ++f) {
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+          const int k = owned_index(f, i);
+          if (k / PER_ROUND == r && i % CS == rank) {
+            float v[4];
+#pragma unroll
+            for (int from = 0; from < CS; ++from) {
+              float4 o = make_float4(frag.acc[f][i][0], frag.acc[f][i][1], frag.acc[f][i][2],
+                                     frag.acc[f][i][3]);
+              if (from != rank) {
+                o = *slot(k, from, rank);
+              }
+              v[0] = from == 0 ? o.x : v[0] + o.x;
+              v[1] = from == 0 ? o.y : v[1] + o.y;
+              v[2] = from == 0 ? o.z : v[2] + o.z;
+              v[3] = from == 0 ? o.w : v[3] + o.w;
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              tot[f][i / CS][c] = v[c];
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // every slot of this block is read
+    T* st = reinterpret_cast<T*>(slots);
+#pragma unroll
+    for (int f = 0; f < RF; ++f) {
+#pragma unroll
+      for (int j = 0; j < NT_MAX; ++j) {
+        if (j < tiles_of(rank)) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            st[(8 * j + 2 * frag.t + (c & 1)) * PITCH + nl + 16 * f + frag.g + 8 * (c >> 1)] =
+                static_cast<T>(tot[f][j][c]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    constexpr int VEC = 16 / int(sizeof(T));
+    constexpr int RUNS = ROWS / VEC;  // 16-byte runs of a token row
+    const int rows = 8 * tiles_of(rank);
+    const bool whole = N % VEC == 0;
+    for (int u = tid; u < rows * RUNS; u += THREADS) {
+      const int j = u / RUNS;
+      const int col = (u % RUNS) * VEC;
+      const int m = m0 + 8 * ((j / 8) * CS + rank) + j % 8;
+      const int n = nb + col;
+      if (m < M) {
+        const uint4 val = *reinterpret_cast<const uint4*>(st + j * PITCH + col);
+        T* dst = out + size_t(m) * size_t(N) + size_t(n);
+        if (whole && n + VEC <= N) {
+          *reinterpret_cast<uint4*>(dst) = val;
+        } else {
+          const T* vv = reinterpret_cast<const T*>(&val);
+          for (int c = 0; c < VEC && n + c < N; ++c) {
+            dst[c] = vv[c];
+          }
+        }
+      }
+    }
+  }
+
+  // One 16-byte store into block `owner`'s shared memory.
+  __device__ __forceinline__ void put(float4* dst, int owner, const float (&v)[4]) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
                  : "=r"(remote)
-                 : "r"(qmm_smem_addr(slots + slot(e, rank))), "r"(e % CS));
-    asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+                 : "r"(qmm_smem_addr(dst)), "r"(owner));
+    asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(remote), "f"(v[0]),
+                 "f"(v[1]), "f"(v[2]), "f"(v[3])
+                 : "memory");
 #endif
-  }
-
-  __device__ __forceinline__ void sync() { qmm_cluster_sync(); }
-
-  __device__ __forceinline__ float total(int e, float own) const {
-    float v = rank == 0 ? own : slots[slot(e, 0)];
-#pragma unroll
-    for (int r = 1; r < CS; ++r) {
-      v += r == rank ? own : slots[slot(e, r)];
-    }
-    return v;
   }
 };
 #endif  // QMMPERF_CUDA_QMM_PTX

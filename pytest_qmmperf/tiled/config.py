@@ -535,12 +535,21 @@ class WideConfig:
                     f"{name}: splits K both into planes (k{self.splits}) and over a cluster "
                     f"(c{self.clusters}); use one"
                 )
-            if (self.clusters - 1) * self.threads * 4 > self.cuda_shared_bytes:
+            if (self.clusters - 1) * self.threads * 16 > self.cuda_shared_bytes:
                 raise TileError(
-                    f"{name}: one partial sum a thread from each of the cluster's other "
-                    f"{self.clusters - 1} blocks needs {(self.clusters - 1) * self.threads * 4} "
-                    f"bytes, more than the {self.cuda_shared_bytes} its x buffers free; use "
-                    "fewer clusters or more tokens"
+                    f"{name}: one 16-byte group of sums a thread from each of the cluster's "
+                    f"other {self.clusters - 1} blocks needs "
+                    f"{(self.clusters - 1) * self.threads * 16} bytes, more than the "
+                    f"{self.cuda_shared_bytes} its x buffers free; use fewer clusters or more "
+                    "tokens"
+                )
+            staged = self.cluster_tiles * FRAG_TOKENS * (self.rows_per_block + 8) * 2
+            if staged > self.cuda_shared_bytes:
+                raise TileError(
+                    f"{name}: the {self.cluster_tiles * FRAG_TOKENS} token rows a block of the "
+                    f"cluster writes need {staged} bytes staged, more than the "
+                    f"{self.cuda_shared_bytes} its x buffers free; use more tokens or fewer "
+                    "rows"
                 )
 
     @property
@@ -552,13 +561,19 @@ class WideConfig:
         return FRAG_ROWS * self.rows * self.warps
 
     @property
+    def cluster_tiles(self) -> int:
+        """8-token tiles of each fragment that the cluster's first block owns (tile i
+        belongs to block i % clusters; the others own as many or one fewer)."""
+        return -(-(self.tokens // FRAG_TOKENS) // self.clusters)
+
+    @property
     def cluster_rounds(self) -> int:
-        """Rounds in which a cluster's blocks exchange their partial sums: a block owns
-        1/clusters of each thread's accumulators (rounded up) and receives the other
-        blocks' sums of them in its x buffers, as many a round as fit (the CUDA layer's
-        ``QmmClusterSum``)."""
-        owned = -(-self.accumulators // self.clusters)
-        per_round = self.cuda_shared_bytes // ((self.clusters - 1) * self.threads * 4)
+        """Rounds in which a cluster's blocks exchange their partial sums (the CUDA
+        layer's ``QmmClusterSum``): a block owns up to ``rows`` x :attr:`cluster_tiles`
+        16-byte groups of each thread's sums and receives the other blocks' groups of
+        them in its x buffers, as many a round as fit."""
+        owned = self.rows * self.cluster_tiles
+        per_round = self.cuda_shared_bytes // ((self.clusters - 1) * self.threads * 16)
         return -(-owned // per_round)
 
     @property

@@ -802,33 +802,11 @@ _WIDE_CLUSTER_PARTS = """\
 _WIDE_CLUSTER_STORE = """\
   // The cluster adds its CS partial sums (the layer's QmmClusterSum, in the x
   // buffers, which no block reads any more, over as many rounds as they need):
-  // accumulator e belongs to block e % CS, which adds the CS blocks' sums in
-  // block order and writes T.
-  constexpr int ACCS = RF * 4 * (TOK / 8);  // accumulators a thread holds
-  using Sum = QmmClusterSum<CS, ACCS, THREADS, int(sizeof(xs_raw))>;
-  Sum cs;
+  // 8-token tile i belongs to block i % CS, which adds the CS blocks' sums in
+  // block order and writes those token rows of T.
+  QmmClusterSum<CS, TOK / 8, RF, THREADS, int(sizeof(xs_raw))> cs;
   cs.init((${tg}float*)xs_raw, int(tid));
-#pragma unroll
-  for (int r = 0; r < Sum::ROUNDS; ++r) {
-    if (r > 0) {
-      cs.sync();  // the last round's sums are read
-    }
-#pragma unroll
-    for (int e = 0; e < ACCS; ++e) {
-      if (Sum::round_of(e) == r && !cs.owns(e)) {
-        cs.put(e, wd.frag.value(e));
-      }
-    }
-    cs.sync();
-#pragma unroll
-    for (int e = 0; e < ACCS; ++e) {
-      const int m = m0 + wd.frag.token(e);
-      const int n = nw + wd.frag.out_row(e);
-      if (Sum::round_of(e) == r && cs.owns(e) && m < M && n < N) {
-        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(cs.total(e, wd.frag.value(e)));
-      }
-    }
-  }"""
+  cs.run(wd.frag, out, m0, bx * W * RF * 16, int(warp) * RF * 16, M, N);"""
 
 #: Ahead of a cluster kernel's header (CUDA). MLX writes the kernel's signature
 #: itself and takes no cluster shape, but the header comes before it, so the shape

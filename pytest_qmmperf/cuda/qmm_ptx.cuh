@@ -241,6 +241,37 @@ struct QmmWgmma<T, 64> {
   }
 };
 
+// Writes `rows` token rows of ROWS outputs staged in shared memory (st, rows
+// `pitch` elements apart) to out: staged row j is token m0 + 8 * (tile0 + (j / 8)
+// * stride) + j % 8, its outputs nb .. nb + ROWS - 1. A thread writes whole
+// 16-byte runs where N keeps them aligned and inside, else element by element.
+template <int ROWS, int THREADS, typename O>
+__device__ __forceinline__ void qmm_store_rows(O* out, const O* st, int pitch, int rows, int m0,
+                                               int tile0, int stride, int nb, int M, int N,
+                                               int tid) {
+  constexpr int VEC = 16 / int(sizeof(O));
+  constexpr int RUNS = ROWS / VEC;  // 16-byte runs of a row
+  const bool whole = N % VEC == 0;
+  for (int u = tid; u < rows * RUNS; u += THREADS) {
+    const int j = u / RUNS;
+    const int col = (u % RUNS) * VEC;
+    const int m = m0 + 8 * (tile0 + (j / 8) * stride) + j % 8;
+    const int n = nb + col;
+    if (m < M) {
+      const uint4 v = *reinterpret_cast<const uint4*>(st + j * pitch + col);
+      O* dst = out + size_t(m) * size_t(N) + size_t(n);
+      if (whole && n + VEC <= N) {
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {
+        const O* e = reinterpret_cast<const O*>(&v);
+        for (int c = 0; c < VEC && n + c < N; ++c) {
+          dst[c] = e[c];
+        }
+      }
+    }
+  }
+}
+
 // Thread-block clusters (sm_90): K split over the CS blocks of a cluster, each
 // holding partial sums of the same accumulators: RF fragments of TILES 8-token
 // tiles, four a tile (QmmRowFrags' acc[f][i][0..3], two rows by two tokens).
@@ -370,28 +401,7 @@ struct QmmClusterSum {
       }
     }
     __syncthreads();
-    constexpr int VEC = 16 / int(sizeof(T));
-    constexpr int RUNS = ROWS / VEC;  // 16-byte runs of a token row
-    const int rows = 8 * tiles_of(rank);
-    const bool whole = N % VEC == 0;
-    for (int u = tid; u < rows * RUNS; u += THREADS) {
-      const int j = u / RUNS;
-      const int col = (u % RUNS) * VEC;
-      const int m = m0 + 8 * ((j / 8) * CS + rank) + j % 8;
-      const int n = nb + col;
-      if (m < M) {
-        const uint4 val = *reinterpret_cast<const uint4*>(st + j * PITCH + col);
-        T* dst = out + size_t(m) * size_t(N) + size_t(n);
-        if (whole && n + VEC <= N) {
-          *reinterpret_cast<uint4*>(dst) = val;
-        } else {
-          const T* vv = reinterpret_cast<const T*>(&val);
-          for (int c = 0; c < VEC && n + c < N; ++c) {
-            dst[c] = vv[c];
-          }
-        }
-      }
-    }
+    qmm_store_rows<ROWS, THREADS>(out, st, PITCH, 8 * tiles_of(rank), m0, rank, CS, nb, M, N, tid);
   }
 
   // One 16-byte store into block `owner`'s shared memory.

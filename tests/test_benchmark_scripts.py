@@ -14,9 +14,11 @@ import gpu_kernel_ab  # noqa: E402
 import gpu_kernels  # noqa: E402
 import gpu_load_hints  # noqa: E402
 import gpu_m128_probe  # noqa: E402
+import gpu_wide_ablation  # noqa: E402
 
+from pytest_qmmperf import cuda  # noqa: E402
 from pytest_qmmperf.cuda import check as cuda_check  # noqa: E402
-from pytest_qmmperf.tiled import source  # noqa: E402
+from pytest_qmmperf.tiled import parse_name, source, template_args  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -139,3 +141,94 @@ def test_probe_kernels_compile_for_hopper_without_spills(text: str, tmp_path: Pa
     assert result.returncode == 0, result.log[-4000:]
     k = result.kernel("ss")
     assert (k.spill_stores, k.spill_loads) == (0, 0), k
+
+
+# --- gpu_wide_ablation.py ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gate_up.256:128:tiled:wide:w8r2m64:c2@NOMMA+NOW",
+         (8192, 256, 128, "tiled:wide:w8r2m64:c2", ("NOMMA", "NOW"))),
+        ("down:128:tiled:wide:w8r2m64:k5", (3072, 8192, 128, "tiled:wide:w8r2m64:k5", ())),
+        ("3000x64:161:tiled:wide:w8r2m64@EPI0", (3000, 64, 161, "tiled:wide:w8r2m64", ("EPI0",))),
+    ],
+)
+def test_ablation_cases_name_shape_k_tokens_kernel_and_ablations(text: str,
+                                                                  expected: tuple) -> None:
+    case = gpu_wide_ablation.parse_case(text)
+    assert (case.N, case.K, case.M, case.name, case.ablations) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("gate_up:0:tiled:wide:w8r2m64", "K and M positive integers"),
+        ("up:128:tiled:wide:w8r2m64", "SHAPE one of qo, kv, gate_up, down or NxK"),
+        ("gate_up.x:128:tiled:wide:w8r2m64", "expected SHAPE[.K]:M:NAME"),
+        ("gate_up:128:tiled:skinny:w8r2", "NAME a tiled:wide: kernel"),
+        ("gate_up:128:tiled:wide:w8r2m64@NOPE", "ablation 'NOPE' is not one of NODQ, NOMMA"),
+    ],
+)
+def test_ablation_refuses_a_malformed_case_naming_it(text: str, fragment: str) -> None:
+    with pytest.raises(gpu_wide_ablation.AblationError) as info:
+        gpu_wide_ablation.parse_case(text)
+    assert f"case {text!r}" in str(info.value) and fragment in str(info.value)
+
+
+def _wide(name: str) -> source.KernelSource:
+    return source.generate(parse_name(name), bits=4, group_size=64, language="cuda")
+
+
+@pytest.mark.parametrize("ablation", ["NODQ", "NOMMA", "NOW", "NOXL", "NOXS", "EPI0"])
+@pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:k2", "tiled:wide:w8r2m64:c2"])
+def test_each_ablation_edits_the_wide_kernel_it_names(name: str, ablation: str) -> None:
+    src = _wide(name)
+    header, body = gpu_wide_ablation.ablate(src.header, src.body, [ablation])
+    assert header == src.header and body != src.body
+
+
+def test_the_epilogue_ablation_still_reads_every_accumulator() -> None:
+    # ptxas drops a wgmma whose accumulators nothing reads: the ablated kernel must
+    # read them all, or it times half the matrix work.
+    src = _wide("tiled:wide:w8r2m64:c2")
+    _, body = gpu_wide_ablation.ablate(src.header, src.body, ["EPI0"])
+    tail = body[body.index("wd.finish();"):]
+    assert "for (int e = 0; e < RF * 4 * (TOK / 8); ++e) {\nsum += wd.frag.value(e);" in tail
+    assert "QmmClusterSum" not in tail and "out[0] = static_cast<T>(1.f);" in tail
+
+
+def test_the_put_ablation_edits_the_cluster_sum_in_the_header() -> None:
+    src = _wide("tiled:wide:w8r2m64:c2")
+    header, body = gpu_wide_ablation.ablate(src.header, src.body, ["NOPUT"])
+    assert body == src.body and "st.shared::cluster" not in header
+    with pytest.raises(gpu_wide_ablation.AblationError, match="ablation NOPUT: "):
+        plain = _wide("tiled:wide:w8r2m64:k2")
+        gpu_wide_ablation.ablate(plain.header, plain.body, ["NOPUT"])
+
+
+@pytest.mark.parametrize("ablation", ["SYNC1", "SYNC2", "PUT"])
+def test_ablations_of_the_earlier_cluster_sum_refuse_todays_kernel(ablation: str) -> None:
+    src = _wide("tiled:wide:w8r2m64:c2")
+    with pytest.raises(gpu_wide_ablation.AblationError,
+                       match=f"ablation {ablation}: this kernel has no cluster sum of the form "
+                             r"up to 5a44198"):
+        gpu_wide_ablation.ablate(src.header, src.body, [ablation])
+
+
+@pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
+def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
+    units = []
+    for name, ablations in (("tiled:wide:w8r2m64:c2", ["EPI0", "NOMMA"]),
+                            ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"])):
+        config = parse_name(name)
+        src = _wide(name)
+        header, body = gpu_wide_ablation.ablate(src.header, src.body, ablations)
+        src = source.KernelSource(name=src.name + "_ablated", language="cuda", header=header,
+                                  body=body, threads=src.threads, output_dtype=src.output_dtype)
+        units.append(cuda.translation_unit(src, template=[("T", "float16"),
+                                                          *template_args(config, 128)]))
+    result = cuda_check.compile_check(units, tmp_path)
+    assert result.returncode == 0, result.log[-4000:]
+    assert len([k for k in result.kernels if "_ablated" in k.mangled]) == 2

@@ -1,0 +1,223 @@
+"""Where the wide kernel's time goes: the kernel alone with parts of it taken out.
+
+    python benchmarks/gpu_wide_ablation.py gate_up:128:tiled:wide:w8r2m64:c2 \
+        gate_up:128:tiled:wide:w8r2m64:c2@EPI0 gate_up.256:128:tiled:wide:w8r2m64:c2@NOMMA
+
+Each case is ``SHAPE[.K]:M:NAME[@ABL[+ABL...]]``: a Llama-3.2-3B projection
+(``qo``, ``kv``, ``gate_up``, ``down``) or ``NxK``, optionally with its K
+replaced (``.256``: one 128-k super-step), the tokens, a ``tiled:wide:`` kernel
+name, and ablations from :data:`ABLATIONS`, each a textual edit of the
+generated CUDA source (the kernel then runs under a name of its own).  An
+ablated kernel computes wrong sums on purpose; what it still does costs what
+it cost.  Every ablation keeps every accumulator in use: ptxas removes a
+``wgmma`` whose results nothing reads, which would time a kernel with half its
+matrix work gone.
+
+A case is compiled through CuPy from the source MLX compiles
+(:func:`gpu_kernels.cupy_kernel`), its error against a float32 reference
+printed (expected to be large for an ablated one), and timed as
+``gpu_kernel_ab.py --parts`` times a kernel: alone, without the addition of a
+split's planes, the median of three replays of a CUDA graph over weight sets
+rotated past L2.  Run it in the tree to measure (``cd`` into a ``git archive``
+of an older commit to ablate that commit's kernel: the edits name source text,
+and one that no longer matches stops the run, naming the ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SHAPES = {"qo": (3072, 3072), "kv": (1024, 3072), "gate_up": (8192, 3072),
+          "down": (3072, 8192)}
+
+
+class AblationError(ValueError):
+    """An ablation whose source text is not in the kernel (or a malformed case)."""
+
+
+def _swap(text: str, old: str, new: str, ablation: str) -> str:
+    if old not in text:
+        raise AblationError(f"ablation {ablation}: {old[:60]!r} is not in this kernel's source; "
+                            "it applies to the wide kernel of the commit it was written for")
+    return text.replace(old, new)
+
+
+_KEEP_PAIRS = """
+#pragma unroll
+for (int f = 0; f < RF; ++f) {
+#pragma unroll
+for (int p = 0; p < QMM_WIDE_PAIRS; ++p) {
+asm volatile("" :: "r"(pa[f][p]), "r"(pb[f][p]));
+}
+}"""
+
+# Every accumulator read, so that no wgmma is dead; the sum written only if it is
+# a value no real sum takes.
+_SUM_ALL = """
+{
+float sum = 0.f;
+#pragma unroll
+for (int e = 0; e < RF * 4 * (TOK / 8); ++e) {
+sum += wd.frag.value(e);
+}
+if (sum == 12345.f) {
+out[0] = static_cast<T>(1.f);
+}
+}
+"""
+
+
+def _epilogue(body: str, ablation: str, code: str) -> str:
+    mark = "wd.finish();"
+    if mark not in body:
+        raise AblationError(f"ablation {ablation}: no {mark!r} in this kernel's source")
+    return body[:body.index(mark) + len(mark)] + "\n" + code
+
+
+# For the cluster sum as it was up to 5a44198 (QmmClusterSum<CS, ACCS, ...>,
+# put(e, v) a float at a time): its barriers alone, then its puts as well.
+_OLD_SUM = "Sum cs;\ncs.init((float*)xs_raw, int(tid));\n"
+
+
+def _old_cluster(body: str, ablation: str, code: str) -> str:
+    if _OLD_SUM not in body:
+        raise AblationError(f"ablation {ablation}: this kernel has no cluster sum of the form "
+                            "up to 5a44198 (Sum cs; cs.init(...))")
+    return body[:body.index(_OLD_SUM)] + _OLD_SUM + code + _SUM_ALL
+
+
+Edit = Callable[[str, str, str], tuple[str, str]]
+
+#: name -> (what it takes out, edit(header, body, name) -> (header, body)).
+ABLATIONS: dict[str, tuple[str, Edit]] = {
+    "NODQ": ("the dequantization (each pair is its packed word, masked)", lambda h, b, a: (h, _swap(
+        _swap(b, "pa[f][p] = dq[f][0].pair(wc[f][0][q / PW], q % PW);",
+              "pa[f][p] = wc[f][0][q / PW] & 0x3c003c00u;", a),
+        "pb[f][p] = dq[f][1].pair(wc[f][1][q / PW], q % PW);",
+        "pb[f][p] = wc[f][1][q / PW] & 0x3c003c00u;", a))),
+    "NOMMA": ("the matrix instructions (the dequantized pairs kept alive)",
+              lambda h, b, a: (h, _swap(b, "wd.mma(xb, s, pa, pb);", _KEEP_PAIRS, a))),
+    "NOW": ("the weights' loads after the first super-step",
+            lambda h, b, a: (h, _swap(b, "const bool live = k < K && row < N;",
+                                      "const bool live = k < K && row < N && kl == kbeg;", a))),
+    "NOXL": ("x's loads after the first super-step",
+             lambda h, b, a: (h, _swap(b, "m0 + r < M && kl + c < K) {",
+                                       "m0 + r < M && kl + c < K && kl == kbeg) {", a))),
+    "NOXS": ("x's staging stores after the first super-step",
+             lambda h, b, a: (h, _swap(b, "qmm_wide_stage<T, BITS, TOK / 8, W, RF, XP>(xb",
+                                       "if (kl == kbeg) qmm_wide_stage<T, BITS, TOK / 8, W, RF, "
+                                       "XP>(xb", a))),
+    "EPI0": ("everything after the K loop (the sums read, nothing written)",
+             lambda h, b, a: (h, _epilogue(b, a, _SUM_ALL))),
+    "NOPUT": ("the cluster sum's stores into other blocks (its barriers stay)",
+              lambda h, b, a: (_swap(h, "st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};",
+                                     "mov.b32 %0, %0;", a), b)),
+    "SYNC1": ("the cluster sum as up to 5a44198, cut to its first barrier",
+              lambda h, b, a: (h, _old_cluster(b, a, ""))),
+    "SYNC2": ("the cluster sum as up to 5a44198, cut to its two barriers",
+              lambda h, b, a: (h, _old_cluster(b, a, "cs.sync();\n"))),
+    "PUT": ("the cluster sum as up to 5a44198, cut to its barriers and puts",
+            lambda h, b, a: (h, _old_cluster(
+                b, a, "#pragma unroll\nfor (int e = 0; e < ACCS; ++e) {\nif (!cs.owns(e)) {\n"
+                      "cs.put(e, wd.frag.value(e));\n}\n}\ncs.sync();\n"))),
+}
+
+
+def ablate(header: str, body: str, ablations: list[str]) -> tuple[str, str]:
+    """The kernel's ``(header, body)`` with each of ``ablations`` applied in turn."""
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise AblationError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+        header, body = ABLATIONS[name][1](header, body, name)
+    return header, body
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    text: str
+    N: int
+    K: int
+    M: int
+    name: str
+    ablations: tuple[str, ...]
+
+
+def parse_case(text: str) -> Case:
+    """``"gate_up.256:128:tiled:wide:w8r2m64:c2@NOMMA+NOW"`` -> N 8192, K 256, M 128, ..."""
+    shape, _, rest = text.partition(":")
+    m, _, spec = rest.partition(":")
+    name, _, abl = spec.partition("@")
+    shape, _, k = shape.partition(".")
+    try:
+        N, K = SHAPES[shape] if shape in SHAPES else (int(v) for v in shape.split("x"))
+        K = int(k) if k else K
+        M = int(m)
+    except ValueError:
+        N = K = M = 0
+    if min(N, K, M) < 1 or not name.startswith("tiled:wide:"):
+        raise AblationError(
+            f"case {text!r}: expected SHAPE[.K]:M:NAME[@ABL[+ABL...]] with SHAPE one of "
+            f"{', '.join(SHAPES)} or NxK, K and M positive integers, NAME a tiled:wide: kernel"
+        )
+    ablations = tuple(abl.split("+")) if abl else ()
+    for a in ablations:
+        if a not in ABLATIONS:
+            raise AblationError(f"case {text!r}: ablation {a!r} is not one of "
+                                f"{', '.join(ABLATIONS)}")
+    return Case(text, N, K, M, name, ablations)
+
+
+def run(case: Case) -> dict[str, Any]:
+    """Compile, check and time one case on the GPU (the tree in the working directory)."""
+    import cupy as cp
+    import gpu_decode as gd
+    import gpu_kernels as gk
+
+    import pytest_qmmperf.tiled as tiled
+
+    generate = tiled.generate
+
+    def ablated(config: Any, **kwargs: Any) -> Any:
+        src = generate(config, **kwargs)
+        if not case.ablations:
+            return src
+        header, body = ablate(src.header, src.body, list(case.ablations))
+        return dataclasses.replace(src, header=header, body=body,
+                                   name=src.name + "_" + "_".join(case.ablations))
+
+    tiled.generate = ablated  # cupy_kernel imports it by name when called
+    try:
+        launch = gk.cupy_kernel(case.name, case.M, case.N, case.K)
+    finally:
+        tiled.generate = generate
+    sets = gk.cupy_operands(case.M, case.N, case.K, gk.rotation(case.N * case.K // 2))
+    x, w, s, b, _ = sets[0]
+    ref = gd.reference(x, w, s, b)
+    error = gd.max_error(launch, sets, float(cp.abs(ref).max()), ref)
+    seconds = gk.kernel_time(getattr(launch, "kernel", launch), sets)
+    return {"case": case.text, "us": seconds * 1e6, "error": error}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="+", help="SHAPE[.K]:M:NAME[@ABL[+ABL...]]")
+    args = parser.parse_args(argv)
+    try:
+        cases = [parse_case(text) for text in args.cases]
+    except AblationError as exc:
+        parser.error(str(exc))
+    tree = Path.cwd()
+    sys.path[:0] = [str(tree), str(tree / "benchmarks")]  # the tree being measured
+    for case in cases:
+        row = run(case)
+        print(f"{row['case']:60s} {row['us']:8.2f} us  err {row['error']:.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,10 @@
-"""What bounds a fused 4-bit kernel at 128 tokens on the H100: four probes (PERFORMANCE.md 6u).
+"""What bounds a fused 4-bit kernel at 128 tokens on the H100: five probes (PERFORMANCE.md 6u, 6w).
 
     python benchmarks/gpu_m128_probe.py wgmma     # wgmma's rate, A from registers or shared memory
     python benchmarks/gpu_m128_probe.py l2        # how fast 128 blocks read L2-resident bytes
     python benchmarks/gpu_m128_probe.py ss gate_up:128:k2 gate_up:128:k2:NOX ...
     python benchmarks/gpu_m128_probe.py cluster   # clusters through mx.fast.cuda_kernel
+    python benchmarks/gpu_m128_probe.py smem      # dynamic shared memory past 48 KiB, same
 
 None of this is a shipped kernel.  ``ss`` is a prototype of the other way to
 feed Hopper's ``wgmma`` (the shipped wide kernel keeps the dequantized
@@ -32,7 +33,7 @@ and ``gpu_decode.problem`` / ``gpu_kernels.kernel_time``, on purpose: switched t
 those, the same cases measured -18% to +5% apart (PERFORMANCE.md 6u), so 6u's
 figures are reproduced only by the code that produced them.
 
-``cluster`` needs MLX (CUDA); the others only CuPy.  Each prints one JSON
+``cluster`` and ``smem`` need MLX (CUDA); the others only CuPy.  Each prints one JSON
 line a case and writes ``m128_probe_<probe>.json`` under ``$OUT`` (default
 ``results/``).
 """
@@ -708,12 +709,63 @@ def probe_cluster() -> list[dict[str, Any]]:
     return rows
 
 
+# --- smem: dynamic shared memory past 48 KiB through MLX --------------------------------------
+
+_SMEM_SRC = """
+  extern __shared__ float buf[];
+  const int n = int(size[0]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    buf[i] = float(i + blockIdx.x);
+  }
+  __syncthreads();
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    s += buf[n - 1 - i];
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+"""
+
+
+def probe_smem() -> list[dict[str, Any]]:
+    """A kernel asking ``mx.fast.cuda_kernel`` for up to 227 KiB of dynamic shared memory
+    (``shared_memory=``), filling and reading all of it: whether MLX launches it (it must
+    raise the kernel's limit past the default 48 KiB) and every value comes back."""
+    import mlx.core as mx
+    import numpy as np
+
+    rows = []
+    for kib in (32, 48, 100, 200, 227):
+        floats = kib * 1024 // 4
+        kernel = mx.fast.cuda_kernel(name=f"qmmperf_smem_probe_{kib}", input_names=["size"],
+                                     output_names=["out"], source=_SMEM_SRC,
+                                     shared_memory=kib * 1024)
+        threads, blocks = 256, 4
+        row: dict[str, Any] = {"kib": kib}
+        try:
+            out = kernel(inputs=[mx.array([floats], dtype=mx.int32)],
+                         output_shapes=[(blocks * threads,)], output_dtypes=[mx.float32],
+                         grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1))[0]
+            got = np.array(out).reshape(blocks, threads)
+            # thread t adds buf[n - 1 - i] = n - 1 - i + block for i = t, t + threads, ...:
+            # integers under 2^24, so float32 holds every partial sum exactly
+            idx = np.arange(floats)
+            want = [[float(np.sum(floats - 1 - idx[t::threads] + b)) for t in range(threads)]
+                    for b in range(blocks)]
+            row["values_ok"] = bool((got == np.array(want, dtype=np.float32)).all())
+        except Exception as exc:  # the launch refused: record why
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    probes = {"wgmma": probe_wgmma, "l2": probe_l2, "cluster": probe_cluster}
+    probes = {"wgmma": probe_wgmma, "l2": probe_l2, "cluster": probe_cluster,
+              "smem": probe_smem}
     if not args or (args[0] not in probes and args[0] != "ss"):
         print(__doc__)
-        print("probe: one of wgmma, l2, ss, cluster", file=sys.stderr)
+        print("probe: one of wgmma, l2, ss, cluster, smem", file=sys.stderr)
         return 2
     if args[0] == "ss":
         if len(args) < 2:

@@ -117,6 +117,17 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
     "NOPUT": ("the cluster sum's stores into other blocks (its barriers stay)",
               lambda h, b, a: (_swap(h, "st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};",
                                      "mov.b32 %0, %0;", a), b)),
+    "NOFENCE": ("the wgmma fence of every step but a super-step's first (its A registers are "
+                "then unordered: timing only)",
+                lambda h, b, a: (_swap(h, "qmm_wgmma_fence();\n#pragma unroll\n"
+                                          "for (int f = 0; f < RF; ++f) {\nconst uint32_t a[4]",
+                                       "if (s == 0) {\nqmm_wgmma_fence();\n}\n#pragma unroll\n"
+                                       "for (int f = 0; f < RF; ++f) {\nconst uint32_t a[4]", a),
+                                 b)),
+    "NOACCFENCE": ("the compiler-only fences on the accumulators around each step's wgmma",
+                   lambda h, b, a: (_swap(_swap(h, "if constexpr (WG) {\nfence_acc();\n",
+                                                "if constexpr (WG) {\n", a),
+                                          "fresh = 0;\nfence_acc();\n", "fresh = 0;\n", a), b)),
     "SYNC1": ("the cluster sum as up to 5a44198, cut to its first barrier",
               lambda h, b, a: (h, _old_cluster(b, a, ""))),
     "SYNC2": ("the cluster sum as up to 5a44198, cut to its two barriers",

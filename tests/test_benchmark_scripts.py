@@ -189,6 +189,19 @@ def test_each_ablation_edits_the_wide_kernel_it_names(name: str, ablation: str) 
     assert header == src.header and body != src.body
 
 
+@pytest.mark.parametrize("ablations", [["NOFENCE"], ["NOACCFENCE"], ["NOFENCE", "NOACCFENCE"],
+                                       ["NOACCFENCE", "NOFENCE"]])
+def test_the_fence_ablations_edit_the_layers_wgmma_step_in_either_order(
+        ablations: list[str]) -> None:
+    src = _wide("tiled:wide:w8r2m64:k2")
+    header, body = gpu_wide_ablation.ablate(src.header, src.body, ablations)
+    step = header[header.index("void mma(const T* xb, int s"):]
+    step = step[:step.index("} else {")]
+    assert body == src.body
+    assert ("if (s == 0) {\nqmm_wgmma_fence();\n}" in step) == ("NOFENCE" in ablations)
+    assert step.count("fence_acc();") == (0 if "NOACCFENCE" in ablations else 2)
+
+
 def test_the_epilogue_ablation_still_reads_every_accumulator() -> None:
     # ptxas drops a wgmma whose accumulators nothing reads: the ablated kernel must
     # read them all, or it times half the matrix work.

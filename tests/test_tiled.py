@@ -357,6 +357,16 @@ def test_cluster_exchange_rounds(name, rounds):
     assert parse_name(name).cluster_rounds == rounds
 
 
+@pytest.mark.parametrize(("name", "tiles"), [
+    ("tiled:wide:w8r2m64:c2", 4),  # 8 token tiles: 4 each
+    ("tiled:wide:w8r2m64:c3", 3),  # 3, 3, 2
+    ("tiled:wide:w8r2m64:c5", 2),  # 2, 2, 2, 1, 1
+    ("tiled:wide:w4r2m32:c8", 1),  # 4 tiles: ranks 4-7 own none
+])
+def test_a_clusters_first_block_owns_the_most_token_tiles(name, tiles):
+    assert parse_name(name).cluster_tiles == tiles
+
+
 def test_a_cluster_split_is_cuda_only_and_carries_its_cluster_shape():
     config = parse_name("tiled:wide:w8r2m64:c2")
     with pytest.raises(TileError, match=r"^tiled:wide:w8r2m64:c2: splits K over a thread-block "

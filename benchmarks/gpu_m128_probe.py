@@ -18,13 +18,16 @@ K a multiple of 128 x splits, N of 128.  A case is ``SHAPE:M`` then any of
 ``kS`` (K split over S blocks, planes added by a second kernel), ``dD``
 (copies issued D super-steps ahead), ``cC`` (clusters of C blocks along N
 that share x: each loads 1/C of it and stores it into every member's shared
-memory) and ablation flags joined by ``+``: ``NOX`` / ``NOW`` (skip the
+memory), ``rR`` (R 64-row tiles a warpgroup), ``sK`` (K-step), ``t64`` (64
+tokens a block instead of 128: ``m64n64k16``) and flags joined by ``+``: ``WS``
+(warp-specialized: two more warpgroups copy and dequantize, the first two
+only multiply, named barriers between them; 6w), ``NOX`` / ``NOW`` (skip the
 copies of x / of the weights), ``NODQ`` (skip the dequantization), ``NOMMA``,
 ``XREG`` (x through registers and ``st.shared`` instead of ``cp.async``),
 ``BULK`` (x by ``cp.async.bulk``, 256 bytes a token, into rows the MMA does
 not read: a rate probe only), ``ROT`` (blocks start K at different
-super-steps).  An ablated case computes garbage; its error is reported, not
-checked.  Times: a CUDA graph of 50+ launches over weight sets rotated past
+super-steps). An ablated case (``NOX`` to ``NOMMA``) computes garbage; its
+error is reported, not checked.  Times: a CUDA graph of 50+ launches over weight sets rotated past
 L2 (as ``gpu_kernels.event_time``), median of three.
 
 The probe keeps its own small PTX helpers (``smem``, ``desc``, ``hfma2``, ...),
@@ -245,6 +248,13 @@ __device__ __forceinline__ void mma(float* d, unsigned long long da, unsigned lo
   MMA_ASM
 }
 
+// Named barriers 1-4 (0 is __syncthreads): n threads in all, some arriving, some waiting.
+__device__ __forceinline__ void named_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
                ::: "memory");
@@ -260,11 +270,15 @@ __device__ __forceinline__ void fence_acc(float (&d)[R][A]) {
 // Block (bx, by, bz): out rows by*128 .. +128 (tokens), columns bx*BN .. +BN (weight rows), the
 // bz-th of KS parts of K (KS > 1: float32 planes), in super-steps of KSTEP. Warpgroup g: weight
 // rows 64 RA g .. + 64 RA, RA m64n128k16 a k16 step.
-extern "C" __global__ void CLUSTER_ATTR __launch_bounds__(128 * WGR)
+extern "C" __global__ void CLUSTER_ATTR __launch_bounds__(128 * (WGR + PWG))
 ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scales,
    const __half* __restrict__ biases, void* outp, int M, int N, int K) {
   extern __shared__ __align__(1024) unsigned char sm[];
-  constexpr int BN = 64 * WGR * RA, BT = 128, THREADS = 128 * WGR, NACC = BT / 2;
+  constexpr int BN = 64 * WGR * RA, BT = BTOK, THREADS = 128 * WGR, NACC = BT / 2;
+  // WS: PWG more warpgroups copy and dequantize; the WGR above only multiply. The copying
+  // threads (all, or the producers) and a thread's place among them:
+  constexpr int CT = WS ? 128 * PWG : THREADS;
+  const int ctid = WS ? int(threadIdx.x) - THREADS : int(threadIdx.x);
   constexpr int KC = KSTEP / 8;                         // 16-byte chunks of a row a super-step
   constexpr int ABYTES = BN * KSTEP * 2;                // a super-step's dequantized weights
   constexpr int XBYTES = BULK ? BT * (KSTEP * 2 + 16) : BT * KSTEP * 2;  // and its x
@@ -283,22 +297,22 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
   // The k of super-step s (ROT: each cluster starts at a different one).
   auto k_of = [&](int s) { return kb + ((s + ROT * int(blockIdx.x / CS)) % SS) * KSTEP; };
 
-  // Weights: 16-byte chunk c = tid + j*THREADS is row c % BN, k 32 (c / BN) .. +31; a thread
+  // Weights: 16-byte chunk c = ctid + j*CT is row c % BN, k 32 (c / BN) .. +31; a thread
   // copies the chunks it dequantizes and the row's group terms (the aligned pair of groups
   // that holds the super-step's: scale and bias, 4 bytes each).
-  constexpr int WCH = BN * (KSTEP / 32) / THREADS;
-  static_assert(THREADS % BN == 0, "a thread's chunks are all of one row");
+  constexpr int WCH = BN * (KSTEP / 32) / CT;
+  static_assert(CT % BN == 0, "a thread's chunks are all of one row");
   auto copy_w = [&](int s) {
     if (s >= SS) return;
-    const int r = tid % BN, b = s % NW;
+    const int r = ctid % BN, b = s % NW;
     const size_t g = size_t(n0 + r) * G + ((k_of(s) / 64) & ~1);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
-                 :: "r"(smem(Ss + b * THREADS * 8 + tid * 8)), "l"(scales + g));
+                 :: "r"(smem(Ss + b * CT * 8 + ctid * 8)), "l"(scales + g));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
-                 :: "r"(smem(Ss + b * THREADS * 8 + tid * 8 + 4)), "l"(biases + g));
+                 :: "r"(smem(Ss + b * CT * 8 + ctid * 8 + 4)), "l"(biases + g));
 #pragma unroll
     for (int j = 0; j < WCH; ++j) {
-      const int c = tid + j * THREADS;
+      const int c = ctid + j * CT;
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
                    :: "r"(smem(Ws + b * WBYTES + c * 16)),
                       "l"(w + size_t(n0 + c % BN) * KW + (k_of(s) + 32 * (c / BN)) / 8));
@@ -310,11 +324,11 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
   // core matrix (r / 8, kc) at (kc * BN / 8 + r / 8) * 128 + (r % 8) * 16.
   auto dequant = [&](int s) {
     const int b = s % NW;
-    const uint32_t sp = *(const uint32_t*)(Ss + b * THREADS * 8 + tid * 8);
-    const uint32_t bp = *(const uint32_t*)(Ss + b * THREADS * 8 + tid * 8 + 4);
+    const uint32_t sp = *(const uint32_t*)(Ss + b * CT * 8 + ctid * 8);
+    const uint32_t bp = *(const uint32_t*)(Ss + b * CT * 8 + ctid * 8 + 4);
 #pragma unroll
     for (int j = 0; j < WCH; ++j) {
-      const int c = tid + j * THREADS, r = c % BN, q = c / BN;
+      const int c = ctid + j * CT, r = c % BN, q = c / BN;
       const uint4 wv = *(const uint4*)(Ws + b * WBYTES + c * 16);
       const int half = ((k_of(s) + 32 * q) / 64) & 1;
       const uint32_t s2 = prmt(sp, half ? 0x3232u : 0x1010u);
@@ -333,12 +347,12 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
       }
     }
   };
-  // x: chunk c = tid + j*THREADS is token (c % 8) + 8 (c / 8 KC), k 8 ((c / 8) % KC) .. +7, at
+  // x: chunk c = ctid + j*CT is token (c % 8) + 8 (c / 8 KC), k 8 ((c / 8) % KC) .. +7, at
   // core matrix (t / 8, kc) like the weights; a warp's copies fill whole core matrices.
-  constexpr int XCH = BT * KC / THREADS;
+  constexpr int XCH = BT * KC / CT;
   static_assert(XCH % CS == 0, "x's chunks split over the cluster");
   auto x_chunk = [&](int s, int j, unsigned char*& dst) {
-    const int c = tid + j * THREADS, t = (c % 8) + 8 * (c / (8 * KC)), kc = (c / 8) % KC;
+    const int c = ctid + j * CT, t = (c % 8) + 8 * (c / (8 * KC)), kc = (c / 8) % KC;
     dst = Xs + (s % NX) * XBYTES + (kc * (BT / 8) + t / 8) * 128 + (t % 8) * 16;
     return x + size_t(min(m0 + t, M - 1)) * K + k_of(s) + kc * 8;
   };
@@ -348,7 +362,7 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
     for (int j = 0; j < XCH; ++j) {
       unsigned char* dst;
       const __half* src = x_chunk(s, j, dst);
-      const int t = ((tid + j * THREADS) % 8) + 8 * ((tid + j * THREADS) / (8 * KC));
+      const int t = ((ctid + j * CT) % 8) + 8 * ((ctid + j * CT) / (8 * KC));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                    :: "r"(smem(dst)), "l"(src), "r"(m0 + t < M ? 16 : 0));
     }
@@ -425,6 +439,52 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
 
   float d[RA][NACC];
   int fresh = 1;
+  // A super-step's wgmma, from A buffer s % 2 and x buffer s % NX; one commit group.
+  auto multiply = [&](int s) {
+    fence_acc(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    const uint32_t a0 = smem(As + (s % 2) * ABYTES + 8 * RA * wg * 128);
+    const uint32_t b0 = smem(Xs + (s % NX) * XBYTES);
+#pragma unroll
+    for (int k16 = 0; k16 < KSTEP / 16; ++k16) {
+      const unsigned long long db = desc(b0 + 2 * k16 * (BT / 8) * 128, (BT / 8) * 128, 128);
+#pragma unroll
+      for (int ra = 0; ra < RA; ++ra) {
+        const unsigned long long da =
+            desc(a0 + (2 * k16 * (BN / 8) + 8 * ra) * 128, (BN / 8) * 128, 128);
+        if (!NOMMA) mma(d[ra], da, db, 1 - fresh);
+      }
+      fresh = 0;
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    fence_acc(d);
+  };
+  if (WS) {
+    constexpr int ALL = THREADS + CT;
+    if (int(threadIdx.x) >= THREADS) {
+      // Producers: super-step s's copies land, A buffer s % 2 is free once the consumers'
+      // wgmma of s - 2 are done (barrier 3 + s % 2; so is the x buffer that s + D refills),
+      // the weights are dequantized into it and the consumers told (barrier 1 + s % 2).
+#pragma unroll
+      for (int j = 0; j < D; ++j) issue(j);
+      for (int s = 0; s < SS; ++s) {
+        asm volatile("cp.async.wait_group %0;\n" :: "n"(D - 1) : "memory");
+        if (s >= 2) named_sync(3 + s % 2, ALL);
+        issue(s + D);
+        if (!NODQ) dequant(s);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_arrive(1 + s % 2, ALL);
+      }
+      return;
+    }
+    for (int s = 0; s < SS; ++s) {
+      named_sync(1 + s % 2, ALL);
+      multiply(s);
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+      fence_acc(d);
+      if (s >= 1 && s - 1 <= SS - 3) named_arrive(3 + (s - 1) % 2, ALL);  // s - 1 is read
+    }
+  } else {
 #pragma unroll
   for (int j = 0; j < D; ++j) issue(j);
   if (XREG) load_x(0);
@@ -445,23 +505,8 @@ ss(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* _
     }
     issue(s + D);
     if (XREG) load_x(s + 1);
-    fence_acc(d);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-    const uint32_t a0 = smem(As + (s % 2) * ABYTES + 8 * RA * wg * 128);
-    const uint32_t b0 = smem(Xs + (s % NX) * XBYTES);
-#pragma unroll
-    for (int k16 = 0; k16 < KSTEP / 16; ++k16) {
-      const unsigned long long db = desc(b0 + 2 * k16 * (BT / 8) * 128, (BT / 8) * 128, 128);
-#pragma unroll
-      for (int ra = 0; ra < RA; ++ra) {
-        const unsigned long long da =
-            desc(a0 + (2 * k16 * (BN / 8) + 8 * ra) * 128, (BN / 8) * 128, 128);
-        if (!NOMMA) mma(d[ra], da, db, 1 - fresh);
-      }
-      fresh = 0;
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    fence_acc(d);
+    multiply(s);
+  }
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   fence_acc(d);
@@ -546,8 +591,9 @@ extern "C" __global__ void add_planes4(const float4* __restrict__ p, __half2* __
 }
 """
 
-FLAGS = ("NOX", "NOW", "NODQ", "NOMMA", "XREG", "BULK", "ROT", "CSK")
+FLAGS = ("NOX", "NOW", "NODQ", "NOMMA", "XREG", "BULK", "ROT", "CSK", "WS")
 WGR = 2  # warpgroups a block, each 64 weight rows
+PWG = 2  # WS: producer warpgroups a block, which copy and dequantize
 
 
 def parse_ss_case(text: str) -> dict[str, Any]:
@@ -557,28 +603,39 @@ def parse_ss_case(text: str) -> dict[str, Any]:
         raise ValueError(f"case {text!r}: expected SHAPE:M[:kS][:dD][:cC][:rR][:sK][:FLAG+...]"
                          f" with SHAPE one of {', '.join(SHAPES)}")
     case: dict[str, Any] = {"shape": parts[0], "M": int(parts[1]), "ks": 1, "d": 1, "cs": 1,
-                            "ra": 1, "kstep": 128, "flags": []}
+                            "ra": 1, "kstep": 128, "bt": 128, "flags": []}
     for part in parts[2:]:
-        if part[:1] in "kdcrs" and part[1:].isdigit():
+        if part in ("t64", "t128"):
+            case["bt"] = int(part[1:])
+        elif part[:1] in "kdcrs" and part[1:].isdigit():
             case[{"k": "ks", "d": "d", "c": "cs", "r": "ra", "s": "kstep"}[part[0]]] = int(part[1:])
         elif all(f in FLAGS for f in part.split("+")):
             case["flags"] = part.split("+")
         else:
-            raise ValueError(f"case {text!r}: {part!r} is none of kS, dD, cC, rR, sK or flags "
-                             f"{'+'.join(FLAGS)}")
+            raise ValueError(f"case {text!r}: {part!r} is none of kS, dD, cC, rR, sK, t64, "
+                             f"t128 or flags {'+'.join(FLAGS)}")
+    clash = {"XREG", "BULK", "CSK"} & set(case["flags"])
+    if "WS" in case["flags"] and (clash or case["cs"] > 1):
+        raise ValueError(f"case {text!r}: WS (producer warpgroups) copies x with cp.async, "
+                         "without clusters; not with XREG, BULK, CSK or cC")
+    if "WS" in case["flags"] and (128 * PWG) % (64 * WGR * case["ra"]):
+        raise ValueError(f"case {text!r}: WS needs the {128 * PWG} producer threads to be a "
+                         f"multiple of the block's {64 * WGR * case['ra']} weight rows")
     return case
 
 
 def ss_smem(case: dict[str, Any]) -> int:
     """Dynamic shared memory of the prototype's buffers, bytes."""
-    bn, bt, d, ks = 64 * WGR * case["ra"], 128, case["d"], case["kstep"]
+    bn, bt, d, ks = 64 * WGR * case["ra"], case["bt"], case["d"], case["kstep"]
     xbytes = bt * (ks * 2 + (16 if "BULK" in case["flags"] else 0))
-    return 2 * bn * ks * 2 + (d + 2) * xbytes + (d + 1) * (bn * ks // 2 + 128 * WGR * 8)
+    copiers = 128 * (PWG if "WS" in case["flags"] else WGR)  # a scale and bias pair each
+    return 2 * bn * ks * 2 + (d + 2) * xbytes + (d + 1) * (bn * ks // 2 + copiers * 8)
 
 
 def ss_source(case: dict[str, Any]) -> str:
-    defs = {"WGR": WGR, "RA": case["ra"], "KSTEP": case["kstep"], "KS": case["ks"], "D": case["d"],
-            "CS": case["cs"]}
+    defs = {"WGR": WGR, "RA": case["ra"], "BTOK": case["bt"], "KSTEP": case["kstep"],
+            "KS": case["ks"], "D": case["d"],
+            "CS": case["cs"], "PWG": PWG if "WS" in case["flags"] else 0}
     defs.update({f: int(f in case["flags"]) for f in FLAGS})
     head = "".join(f"#define {k} {v}\n" for k, v in defs.items())
     if "CSK" in case["flags"]:
@@ -586,7 +643,8 @@ def ss_source(case: dict[str, Any]) -> str:
     else:
         dims = f"__cluster_dims__({case['cs']}, 1, 1)" if case["cs"] > 1 else ""
     head += f"#define CLUSTER_ATTR {dims}\n"
-    return head + _COMMON + _SS_SRC.replace("MMA_ASM", _wgmma_asm(128, True, "accumulate"))
+    return head + _COMMON + _SS_SRC.replace("MMA_ASM", _wgmma_asm(case["bt"], True,
+                                                                      "accumulate"))
 
 
 def probe_ss(cases: list[str]) -> list[dict[str, Any]]:
@@ -618,13 +676,14 @@ def run_ss_case(text: str) -> dict[str, Any]:
             for _ in range(count)]
     out = cp.empty((M, N), dtype=cp.float16)
     planes = cp.empty((ks, M, N), dtype=cp.float32)
-    grid = (N // (64 * WGR * case["ra"]), (M + 127) // 128, ks)
+    grid = (N // (64 * WGR * case["ra"]), -(-M // case["bt"]), ks)
     n4 = M * N // 4
     on_chip = "CSK" in case["flags"]  # the cluster's blocks add their partial sums themselves
 
     def kernel(s: tuple[Any, ...]) -> None:
-        fn(grid, (128 * WGR,), (*s, out if ks == 1 or on_chip else planes, cp.int32(M),
-                                cp.int32(N), cp.int32(K)), shared_mem=smem)
+        fn(grid, (128 * (WGR + (PWG if "WS" in case["flags"] else 0)),),
+           (*s, out if ks == 1 or on_chip else planes, cp.int32(M), cp.int32(N), cp.int32(K)),
+           shared_mem=smem)
 
     def both(s: tuple[Any, ...]) -> None:
         kernel(s)

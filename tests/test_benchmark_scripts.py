@@ -92,12 +92,14 @@ def test_kernel_ab_refuses_a_malformed_case_naming_it(text: str) -> None:
     ("text", "expected"),
     [
         ("gate_up:128", {"shape": "gate_up", "M": 128, "ks": 1, "d": 1, "cs": 1, "ra": 1,
-                         "kstep": 128, "flags": []}),
+                         "kstep": 128, "bt": 128, "flags": []}),
         ("gate_up:128:k4:r2:s64:d2:NOX+NOW", {"shape": "gate_up", "M": 128, "ks": 4, "d": 2,
-                                              "cs": 1, "ra": 2, "kstep": 64,
+                                              "cs": 1, "ra": 2, "kstep": 64, "bt": 128,
                                               "flags": ["NOX", "NOW"]}),
         ("down:128:XREG:c4", {"shape": "down", "M": 128, "ks": 1, "d": 1, "cs": 4, "ra": 1,
-                              "kstep": 128, "flags": ["XREG"]}),
+                              "kstep": 128, "bt": 128, "flags": ["XREG"]}),
+        ("gate_up:128:k2:r2:t64:WS", {"shape": "gate_up", "M": 128, "ks": 2, "d": 1, "cs": 1,
+                                      "ra": 2, "kstep": 128, "bt": 64, "flags": ["WS"]}),
     ],
 )
 def test_probe_cases_name_their_knobs(text: str, expected: dict) -> None:
@@ -107,8 +109,13 @@ def test_probe_cases_name_their_knobs(text: str, expected: dict) -> None:
 @pytest.mark.parametrize(("text", "fragment"), [
     ("up:128", "expected SHAPE:M"),
     ("gate_up", "expected SHAPE:M"),
-    ("gate_up:128:z2", "'z2' is none of kS, dD, cC, rR, sK or flags"),
+    ("gate_up:128:z2", "'z2' is none of kS, dD, cC, rR, sK, t64, t128 or flags"),
     ("gate_up:128:NOX+FAST", "'NOX+FAST' is none of"),
+    ("gate_up:128:t32", "'t32' is none of"),
+    ("gate_up:128:WS+XREG", "WS (producer warpgroups) copies x with cp.async"),
+    ("gate_up:128:WS:c2", "not with XREG, BULK, CSK or cC"),
+    # 256 producer threads against 512 weight rows (r4): a thread's chunks would span rows
+    ("gate_up:128:r4:WS", "the 256 producer threads to be a multiple of the block's 512"),
 ])
 def test_probe_refuses_a_malformed_case_naming_it(text: str, fragment: str) -> None:
     pattern = re.escape(f"case {text!r}: ") + ".*" + re.escape(fragment)
@@ -127,6 +134,10 @@ def test_probe_refuses_a_malformed_case_naming_it(text: str, fragment: str) -> N
     ("gate_up:128:k4:r2:s64", 135168),
     # bulk copies land in rows padded by 16 bytes
     ("gate_up:128:k2:BULK", 65536 + 3 * 128 * 272 + 2 * (8192 + 2048)),
+    # 64 tokens, 256 rows: 2 x 65536 of weights, 3 x 16384 of x, 2 x (16384 + 2048)
+    ("gate_up:128:k2:r2:t64", 217088),
+    # the same with producers: the group terms are theirs (256 of them, 8 bytes each)
+    ("gate_up:128:k2:r2:t64:WS", 217088),
 ])
 def test_probe_shared_memory_arithmetic(text: str, expected: int) -> None:
     assert gpu_m128_probe.ss_smem(gpu_m128_probe.parse_ss_case(text)) == expected
@@ -134,7 +145,8 @@ def test_probe_shared_memory_arithmetic(text: str, expected: int) -> None:
 
 @pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("text", ["gate_up:128:k2", "gate_up:128:k2:d2:XREG+ROT:c4",
-                                  "gate_up:128:k2:BULK", "down:128:k4:CSK"])
+                                  "gate_up:128:k2:BULK", "down:128:k4:CSK",
+                                  "gate_up:128:k2:r2:t64:WS", "gate_up:128:k2:r2:t64"])
 def test_probe_kernels_compile_for_hopper_without_spills(text: str, tmp_path: Path) -> None:
     src = gpu_m128_probe.ss_source(gpu_m128_probe.parse_ss_case(text))
     result = cuda_check.compile_check([src], tmp_path)

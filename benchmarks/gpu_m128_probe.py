@@ -1,7 +1,8 @@
-"""What bounds a fused 4-bit kernel at 128 tokens on the H100: five probes (PERFORMANCE.md 6u, 6w).
+"""What bounds a fused 4-bit kernel at 128 tokens on the H100: six probes (PERFORMANCE.md 6u, 6w).
 
     python benchmarks/gpu_m128_probe.py wgmma     # wgmma's rate, A from registers or shared memory
     python benchmarks/gpu_m128_probe.py l2        # how fast 128 blocks read L2-resident bytes
+    python benchmarks/gpu_m128_probe.py overlap   # whether other instructions run beside wgmma
     python benchmarks/gpu_m128_probe.py ss gate_up:128:k2 gate_up:128:k2:NOX ...
     python benchmarks/gpu_m128_probe.py cluster   # clusters through mx.fast.cuda_kernel
     python benchmarks/gpu_m128_probe.py smem      # dynamic shared memory past 48 KiB, same
@@ -164,6 +165,135 @@ def probe_wgmma() -> list[dict[str, Any]]:
         rows.append({"n": n, "acc_sets": rf, "warpgroups": wg, "a": "smem" if ss else "registers",
                      "a_lbo_sbo": [alb, asb], "b_lbo_sbo": [blb, bsb],
                      "tflops": round(flops / t / 1e12, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# --- overlap: does other work run while a warpgroup's wgmma do? ---------------------------------
+
+_OVERLAP_SRC = r"""
+__device__ __forceinline__ void mma(float* d, const uint32_t (&a)[4], unsigned long long da,
+                                    unsigned long long db) {
+  MMA_ASM
+}
+// The ALU step: fma.rn.f16x2 (OP 0, what the dequantization uses), fma.rn.f32 (1) or
+// lop3.b32 (2), each dependent on the last.
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  if (OP == 0) {
+    asm volatile("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  } else if (OP == 1) {
+    asm volatile("fma.rn.f32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm volatile("lop3.b32 %0, %1, %2, %3, 0x96;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  }
+  return r;
+}
+// Two warpgroups, RF m64n64k16 a step, a commit group a step, eight steps in flight at most (as
+// the wide kernel). Between steps ALU dependent fma.rn.f16x2 in each of 4 chains: into the next
+// step's A fragment (FEED) or into registers no wgmma reads.
+// SPLIT: a third warpgroup does the ALU work (ALU_WG) and the first two only the wgmma
+// (MMA_WG): the same work on other warps.
+extern "C" __global__ void __launch_bounds__(384) overlap(float* out, int iters) {
+  const bool alu_here = SPLIT ? threadIdx.x >= 256 : true;
+  const bool mma_here = SPLIT ? threadIdx.x < 256 : true;
+  __shared__ __align__(1024) unsigned short A[4096];
+  __shared__ __align__(1024) unsigned short B[8192];
+  for (int i = threadIdx.x; i < 8192; i += blockDim.x) B[i] = 0x3c00 ^ (i & 1);
+  for (int i = threadIdx.x; i < 4096; i += blockDim.x) A[i] = 0x3c00;
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const unsigned long long da = desc(smem(A), 128, 256), db = desc(smem(B), 128, 256);
+  uint32_t a[4], c[4];
+  for (int i = 0; i < 4; ++i) a[i] = c[i] = 0x00010001u * (threadIdx.x + i);
+  float d[RF][32];
+  for (int f = 0; f < RF; ++f)
+    for (int i = 0; i < 32; ++i) d[f][i] = 0.0f;
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int step = 0; step < 8; ++step) {
+      if (alu_here) {
+#pragma unroll
+        for (int l = 0; l < ALU; ++l)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) c[i] = hfma2(c[i], 0x3c003c00u, 0x00010001u);
+      }
+      if (FEED) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = c[i];
+      }
+      if (MMA && mma_here) {
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int f = 0; f < RF; ++f) mma(d[f], a, da, db);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      }
+    }
+    if (MMA && mma_here) asm volatile("wgmma.wait_group.sync.aligned 8;\n" ::: "memory");
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  float s = 0.0f;
+  for (int f = 0; f < RF; ++f)
+    for (int i = 0; i < 32; ++i) s += d[f][i];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s + float(c[0] ^ c[1] ^ c[2] ^ c[3]);
+}
+"""
+
+#: (label, A from shared memory, wgmma on, ALU steps between them, ALU writes the next A,
+#: a third warpgroup does the ALU work)
+OVERLAP_CASES = [
+    ("wgmma alone, A from registers", False, True, 0, False, False),
+    ("ALU alone", False, False, 16, False, False),
+    ("both, A from registers, ALU elsewhere", False, True, 16, False, False),
+    ("both, A from registers, ALU writes the next A", False, True, 16, True, False),
+    ("wgmma alone, A from shared memory", True, True, 0, False, False),
+    ("both, A from shared memory", True, True, 16, False, False),
+    ("ALU alone, on a third warpgroup", False, False, 16, False, True),
+    ("both, the ALU on a third warpgroup", False, True, 16, False, True),
+]
+#: The ALU instruction of the cases above (fma.rn.f16x2), then the same cases of ALU alone
+#: and both with fma.rn.f32 and with lop3.b32 instead.
+OVERLAP_OPS = {0: "fma.rn.f16x2", 1: "fma.rn.f32", 2: "lop3.b32"}
+
+
+def overlap_cases() -> list[tuple[int, str, bool, bool, int, bool, bool]]:
+    """Every case of :data:`OVERLAP_CASES` with fma.rn.f16x2; with the other ALU instructions,
+    those of ALU alone and of both without A fed or from shared memory."""
+    return [(op, *case) for op in OVERLAP_OPS for case in OVERLAP_CASES
+            if op == 0 or (case[3] and not case[4] and not case[1])]
+
+
+def overlap_source(op: int, ss: bool, mma_on: bool, alu: int, feed: bool, split: bool) -> str:
+    defs = (f"#define RF 2\n#define ALU {alu}\n#define FEED {int(feed)}\n"
+            f"#define MMA {int(mma_on)}\n#define SPLIT {int(split)}\n#define OP {op}\n")
+    return defs + _COMMON + _OVERLAP_SRC.replace("MMA_ASM", _wgmma_asm(64, ss, "1"))
+
+
+def probe_overlap() -> list[dict[str, Any]]:
+    """Time a step of two warpgroups' wgmma (m64n64k16 x 2, as the wide kernel) alone, of
+    16 dependent fma.rn.f16x2 in 4 chains alone, and of both in one warp: whether they
+    overlap, with A from registers or from shared memory."""
+    import cupy as cp
+
+    rows = []
+    for op, label, ss, mma_on, alu, feed, split in overlap_cases():
+        threads = 384 if split else 256
+        src = overlap_source(op, ss, mma_on, alu, feed, split)
+        fn = cp.RawModule(code=src, options=("--gpu-architecture=sm_90a",)).get_function("overlap")
+        blocks, iters = 132, 2000
+        out = cp.zeros(blocks * threads, dtype=cp.float32)
+        fn((blocks,), (threads,), (out, cp.int32(10)))
+        times = []
+        for _ in range(5):
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            fn((blocks,), (threads,), (out, cp.int32(iters)))
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+        t = statistics.median(times)
+        rows.append({"case": label, "alu": OVERLAP_OPS[op],
+                     "ns_a_step": round(t / (iters * 8) * 1e9, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -821,10 +951,10 @@ def probe_smem() -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     probes = {"wgmma": probe_wgmma, "l2": probe_l2, "cluster": probe_cluster,
-              "smem": probe_smem}
+              "smem": probe_smem, "overlap": probe_overlap}
     if not args or (args[0] not in probes and args[0] != "ss"):
         print(__doc__)
-        print("probe: one of wgmma, l2, ss, cluster, smem", file=sys.stderr)
+        print("probe: one of wgmma, l2, overlap, ss, cluster, smem", file=sys.stderr)
         return 2
     if args[0] == "ss":
         if len(args) < 2:

@@ -257,3 +257,23 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     result = cuda_check.compile_check(units, tmp_path)
     assert result.returncode == 0, result.log[-4000:]
     assert len([k for k in result.kernels if "_ablated" in k.mangled]) == 2
+
+
+def test_overlap_probe_cases_try_every_alu_instruction_alone_and_beside_wgmma() -> None:
+    cases = gpu_m128_probe.overlap_cases()
+    assert len(cases) == 8 + 2 * 4
+    for op in (1, 2):
+        labels = [c[1] for c in cases if c[0] == op]
+        assert labels == ["ALU alone", "both, A from registers, ALU elsewhere",
+                          "ALU alone, on a third warpgroup", "both, the ALU on a third warpgroup"]
+
+
+@pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("index", [2, 3, 5, 7, 13])
+def test_overlap_probe_kernels_compile_for_hopper(index: int, tmp_path: Path) -> None:
+    op, _, ss, mma_on, alu, feed, split = gpu_m128_probe.overlap_cases()[index]
+    result = cuda_check.compile_check(
+        [gpu_m128_probe.overlap_source(op, ss, mma_on, alu, feed, split)], tmp_path)
+    assert result.returncode == 0, result.log[-4000:]
+    k = result.kernel("overlap")
+    assert (k.spill_stores, k.spill_loads) == (0, 0), k

@@ -93,18 +93,26 @@ __device__ __forceinline__ unsigned long long desc(uint32_t addr, int lbo, int s
 
 # --- wgmma: the tensor cores' rate, with nothing else to do -------------------------------------
 
-_RATE_SRC = r"""
+# wgmma and overlap: one wgmma (A from registers or shared memory, as MMA_ASM reads it) and
+# the operands in shared memory, ones and alternating bits, made visible to wgmma.
+_OPERANDS = r"""
 __device__ __forceinline__ void mma(float* d, const uint32_t (&a)[4], unsigned long long da,
                                     unsigned long long db) {
   MMA_ASM
 }
-extern "C" __global__ void __launch_bounds__(128 * WG) rate(float* out, int iters) {
-  __shared__ __align__(1024) unsigned short A[4096];
-  __shared__ __align__(1024) unsigned short B[8192];
+__device__ __forceinline__ void fill_operands(unsigned short* A, unsigned short* B) {
   for (int i = threadIdx.x; i < 8192; i += blockDim.x) B[i] = 0x3c00 ^ (i & 1);
   for (int i = threadIdx.x; i < 4096; i += blockDim.x) A[i] = 0x3c00;
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
+}
+"""
+
+_RATE_SRC = r"""
+extern "C" __global__ void __launch_bounds__(128 * WG) rate(float* out, int iters) {
+  __shared__ __align__(1024) unsigned short A[4096];
+  __shared__ __align__(1024) unsigned short B[8192];
+  fill_operands(A, B);
   const unsigned long long da = desc(smem(A), ALBO, ASBO), db = desc(smem(B), BLBO, BSBO);
   uint32_t a[4];
   for (int i = 0; i < 4; ++i) a[i] = 0x00010001u * (threadIdx.x + i);
@@ -139,28 +147,39 @@ RATE_CASES = [
 ]
 
 
-def probe_wgmma() -> list[dict[str, Any]]:
-    """FLOP/s of back-to-back wgmma on 132 blocks (8 a commit group, the last group in flight)."""
+def rate_source(n: int, rf: int, wg: int, ss: bool, a_lbo_sbo: tuple[int, int],
+                b_lbo_sbo: tuple[int, int]) -> str:
+    defs = (f"#define N {n}\n#define RF {rf}\n#define WG {wg}\n#define ALBO {a_lbo_sbo[0]}\n"
+            f"#define ASBO {a_lbo_sbo[1]}\n#define BLBO {b_lbo_sbo[0]}\n"
+            f"#define BSBO {b_lbo_sbo[1]}\n")
+    return defs + _COMMON + (_OPERANDS + _RATE_SRC).replace("MMA_ASM", _wgmma_asm(n, ss, "1"))
+
+
+def _one_launch_s(src: str, name: str, threads: int, iters: int, blocks: int = 132) -> float:
+    """Median over 5 timed launches (after one short one) of kernel ``name(out, iters)``."""
     import cupy as cp
 
+    fn = cp.RawModule(code=src, options=("--gpu-architecture=sm_90a",)).get_function(name)
+    out = cp.zeros(blocks * threads, dtype=cp.float32)
+    fn((blocks,), (threads,), (out, cp.int32(10)))
+    times = []
+    for _ in range(5):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn((blocks,), (threads,), (out, cp.int32(iters)))
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return statistics.median(times)
+
+
+def probe_wgmma() -> list[dict[str, Any]]:
+    """FLOP/s of back-to-back wgmma on 132 blocks (8 a commit group, the last group in flight)."""
     rows = []
     for n, rf, wg, ss, (alb, asb), (blb, bsb) in RATE_CASES:
-        defs = (f"#define N {n}\n#define RF {rf}\n#define WG {wg}\n#define ALBO {alb}\n"
-                f"#define ASBO {asb}\n#define BLBO {blb}\n#define BSBO {bsb}\n")
-        src = defs + _COMMON + _RATE_SRC.replace("MMA_ASM", _wgmma_asm(n, ss, "1"))
-        fn = cp.RawModule(code=src, options=("--gpu-architecture=sm_90a",)).get_function("rate")
         blocks, iters = 132, 2000
-        out = cp.zeros(blocks * 128 * wg, dtype=cp.float32)
-        fn((blocks,), (128 * wg,), (out, cp.int32(10)))
-        times = []
-        for _ in range(5):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            fn((blocks,), (128 * wg,), (out, cp.int32(iters)))
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-        t = statistics.median(times)
+        t = _one_launch_s(rate_source(n, rf, wg, ss, (alb, asb), (blb, bsb)), "rate", 128 * wg,
+                          iters, blocks)
         flops = 2 * 64 * n * 16 * 8 * rf * iters * wg * blocks
         rows.append({"n": n, "acc_sets": rf, "warpgroups": wg, "a": "smem" if ss else "registers",
                      "a_lbo_sbo": [alb, asb], "b_lbo_sbo": [blb, bsb],
@@ -172,10 +191,6 @@ def probe_wgmma() -> list[dict[str, Any]]:
 # --- overlap: does other work run while a warpgroup's wgmma do? ---------------------------------
 
 _OVERLAP_SRC = r"""
-__device__ __forceinline__ void mma(float* d, const uint32_t (&a)[4], unsigned long long da,
-                                    unsigned long long db) {
-  MMA_ASM
-}
 // The ALU step: fma.rn.f16x2 (OP 0, what the dequantization uses), fma.rn.f32 (1) or
 // lop3.b32 (2), each dependent on the last.
 __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
@@ -192,17 +207,14 @@ __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
 // Two warpgroups, RF m64n64k16 a step, a commit group a step, eight steps in flight at most (as
 // the wide kernel). Between steps ALU dependent fma.rn.f16x2 in each of 4 chains: into the next
 // step's A fragment (FEED) or into registers no wgmma reads.
-// SPLIT: a third warpgroup does the ALU work (ALU_WG) and the first two only the wgmma
-// (MMA_WG): the same work on other warps.
+// SPLIT: a third warpgroup does the ALU work and the first two
+// only the wgmma: the same work on other warps.
 extern "C" __global__ void __launch_bounds__(384) overlap(float* out, int iters) {
   const bool alu_here = SPLIT ? threadIdx.x >= 256 : true;
   const bool mma_here = SPLIT ? threadIdx.x < 256 : true;
   __shared__ __align__(1024) unsigned short A[4096];
   __shared__ __align__(1024) unsigned short B[8192];
-  for (int i = threadIdx.x; i < 8192; i += blockDim.x) B[i] = 0x3c00 ^ (i & 1);
-  for (int i = threadIdx.x; i < 4096; i += blockDim.x) A[i] = 0x3c00;
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
+  fill_operands(A, B);
   const unsigned long long da = desc(smem(A), 128, 256), db = desc(smem(B), 128, 256);
   uint32_t a[4], c[4];
   for (int i = 0; i < 4; ++i) a[i] = c[i] = 0x00010001u * (threadIdx.x + i);
@@ -266,32 +278,18 @@ def overlap_cases() -> list[tuple[int, str, bool, bool, int, bool, bool]]:
 def overlap_source(op: int, ss: bool, mma_on: bool, alu: int, feed: bool, split: bool) -> str:
     defs = (f"#define RF 2\n#define ALU {alu}\n#define FEED {int(feed)}\n"
             f"#define MMA {int(mma_on)}\n#define SPLIT {int(split)}\n#define OP {op}\n")
-    return defs + _COMMON + _OVERLAP_SRC.replace("MMA_ASM", _wgmma_asm(64, ss, "1"))
+    return defs + _COMMON + (_OPERANDS + _OVERLAP_SRC).replace("MMA_ASM", _wgmma_asm(64, ss, "1"))
 
 
 def probe_overlap() -> list[dict[str, Any]]:
     """Time a step of two warpgroups' wgmma (m64n64k16 x 2, as the wide kernel) alone, of
     16 dependent fma.rn.f16x2 in 4 chains alone, and of both in one warp: whether they
     overlap, with A from registers or from shared memory."""
-    import cupy as cp
-
     rows = []
     for op, label, ss, mma_on, alu, feed, split in overlap_cases():
-        threads = 384 if split else 256
-        src = overlap_source(op, ss, mma_on, alu, feed, split)
-        fn = cp.RawModule(code=src, options=("--gpu-architecture=sm_90a",)).get_function("overlap")
-        blocks, iters = 132, 2000
-        out = cp.zeros(blocks * threads, dtype=cp.float32)
-        fn((blocks,), (threads,), (out, cp.int32(10)))
-        times = []
-        for _ in range(5):
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            fn((blocks,), (threads,), (out, cp.int32(iters)))
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
-        t = statistics.median(times)
+        iters = 2000
+        t = _one_launch_s(overlap_source(op, ss, mma_on, alu, feed, split), "overlap",
+                          384 if split else 256, iters)
         rows.append({"case": label, "alu": OVERLAP_OPS[op],
                      "ns_a_step": round(t / (iters * 8) * 1e9, 2)})
         print(json.dumps(rows[-1]), flush=True)

@@ -45,6 +45,8 @@ from pytest_qmmperf.workloads.qmm import QmmSpec, make_inputs
         ("tiled:skinny:w4", SkinnyConfig(4, 1)),
         ("tiled:skinny:w16r3h", SkinnyConfig(16, 3, half=True)),
         ("tiled:skinny:w12r3hp", SkinnyConfig(12, 3, half=True, prefetch=True)),
+        ("tiled:skinny:w8r6h:c2", SkinnyConfig(8, 6, half=True, clusters=2)),
+        ("tiled:skinny:c4", SkinnyConfig(clusters=4)),
         ("tiled:wide:w8r2m64", WideConfig(8, 2, 64)),
         ("tiled:wide:w4r1m16:k4", WideConfig(4, 1, 16, splits=4)),
         ("tiled:wide:w4r2m32:k2:d0", WideConfig(4, 2, 32, splits=2, decode_max_m=0)),
@@ -83,6 +85,9 @@ def test_parse_name(name, expected):
         ("tiled:skinny:w16r2", "tiled:skinny:w16r2"),
         ("tiled:skinny:w8r1h", "tiled:skinny:w8h"),
         ("tiled:skinny:w12r3hp", "tiled:skinny:w12r3hp"),
+        ("tiled:skinny:w8:c2", "tiled:skinny:c2"),
+        ("tiled:skinny:w16r3h:c1", "tiled:skinny:w16r3h"),
+        ("tiled:skinny:w8r2:c3", "tiled:skinny:w8r2:c3"),
         ("tiled:wide:w8r2m64:k1:d16", "tiled:wide:w8r2m64"),
         ("tiled:wide:w4r1m16:k4:d8", "tiled:wide:w4r1m16:k4:d8"),
         ("tiled:wide:w8r2m64:k1:d16:g0", "tiled:wide:w8r2m64"),
@@ -154,6 +159,12 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:wide:w8r2m64:k2:c2", "splits K both into planes (k2) and over a cluster (c2)"),
         ("tiled:wide:w8r2m64:c16", "clusters=16 exceeds 8 blocks, the largest thread-block"),
         ("tiled:wide:w8r2m64:c0", "clusters=0 must be a positive integer"),
+        ("tiled:skinny:w8r2:c9", "clusters=9 exceeds 8 blocks, the largest thread-block"),
+        # 12 warps x 6 fragments x 32 lanes x 4 sums x 4 bytes: 36864 bytes. Over
+        # Apple's 32 KiB, but a cluster split is CUDA's only, held to its 48 KiB
+        ("tiled:skinny:w12r6h", "needs 36864 bytes of threadgroup memory (warps x rows x 32 "
+                                "lanes x 8 partial sums), over the 32768-byte limit of Apple"),
+        ("tiled:skinny:w16r8h:c2", "512 threads x about 204 registers each exceed the 65536"),
         # 16 bytes of sums from each of 7 other blocks for 256 threads: 28672 bytes; two x
         # buffers of 8 tokens x 128 halves: 4096
         ("tiled:wide:w8r1m8:c8", "other 7 blocks needs 28672 bytes, more than the 4096"),
@@ -237,9 +248,11 @@ def test_supports_names_the_reason(spec, fragment):
     assert reason is not None and fragment in reason
 
 
-def test_a_cluster_variant_is_unsupported_on_metal(monkeypatch):
-    v = get_variant("tiled:wide:w8r2m64:c2")
-    spec = QmmSpec(M=128, N=512, K=256)
+@pytest.mark.parametrize(("name", "M"), [("tiled:wide:w8r2m64:c2", 128),
+                                         ("tiled:skinny:w8r6h:c2", 16)])
+def test_a_cluster_variant_is_unsupported_on_metal(monkeypatch, name, M):
+    v = get_variant(name)
+    spec = QmmSpec(M=M, N=512, K=256)
     monkeypatch.setattr(variant, "backend", lambda: "metal")
     reason = v.supports(spec)
     assert reason is not None and "thread-block cluster, which Metal does not have" in reason
@@ -387,6 +400,27 @@ def test_a_cluster_split_is_cuda_only_and_carries_its_cluster_shape():
     assert "wd.frag.store" in plain.body and plain.output_dtype == "float32"
 
 
+def test_a_skinny_cluster_split_is_cuda_only_and_shares_out_k():
+    config = parse_name("tiled:skinny:w8r6h:c2")
+    assert config.shared_bytes == 24576  # the block's sums, kept where warp 0's were
+    assert parse_name("tiled:skinny:w12r6h:c2").shared_bytes == 36864  # CUDA's 48 KiB
+    with pytest.raises(TileError, match=r"^tiled:skinny:w8r6h:c2: splits K over a thread-block "
+                                        r"cluster \(c2\), which metal does not have"):
+        source.generate(config, bits=4, group_size=64, language="metal")
+    src = source.generate(config, bits=4, group_size=64, language="cuda")
+    assert "#define __global__ __location__(global) __cluster_dims__(1, 2, 1)" in src.header
+    assert "QmmClusterAdd<CS> ca;" in src.body and "_w8r6hc2_" in src.name
+    # block bz's warps take super-steps bz * W + w, then every CS * W further
+    assert "for (int ks = (bz * W + int(warp)) * 128; ks < K; ks += CS * W * 128)" in src.body
+    assert "if (!PREFETCH || ks == (bz * W + int(warp)) * 128)" in src.body
+    assert source.output_shape(config, 16, 3072, 8192) == (16, 3072)
+    # without a cluster the source is the one the measured kernels ran
+    plain = source.generate(parse_name("tiled:skinny:w8r6h"), bits=4, group_size=64,
+                            language="cuda")
+    assert "__cluster_dims__" not in plain.header and "QmmClusterAdd" not in plain.header
+    assert "for (int ks = int(warp) * 128; ks < K; ks += W * 128)" in plain.body
+
+
 def test_generator_rejects_unknown_language():
     with pytest.raises(ValueError, match="language='opencl'"):
         source.generate(TileConfig(32, 32), bits=4, group_size=64, language="opencl")
@@ -509,6 +543,8 @@ def test_decode_kernel_carries_a_third_of_the_layer():
         (WideConfig(4, 1, 16, splits=4), 17, 100, (2 * 128, 8, 1), (128, 1, 1)),
         # K split over clusters of 2 blocks, consecutive in y
         (WideConfig(8, 2, 64, clusters=2), 128, 8192, (32 * 256, 4, 1), (256, 1, 1)),
+        # skinny split over clusters of 3 blocks, consecutive in y (two token blocks)
+        (SkinnyConfig(8, 6, half=True, clusters=3), 20, 3072, (64 * 256, 6, 1), (256, 1, 1)),
         # dequant: one weight row a block, whatever M
         (DequantConfig(), 7, 300, (300 * 256, 1, 1), (256, 1, 1)),
         (DequantConfig(), 4096, 3, (3 * 256, 1, 1), (256, 1, 1)),

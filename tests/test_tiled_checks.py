@@ -189,7 +189,8 @@ def test_every_asm_load_of_the_cuda_layer_is_predicated_or_volatile():
 
 @needs_nvcc
 @pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:c2", "tiled:wide:w8r2m64:c4",
-                                  "tiled:wide:w8r2m64:c5", "tiled:wide:w4r2m32:c4"])
+                                  "tiled:wide:w8r2m64:c5", "tiled:wide:w4r2m32:c4",
+                                  "tiled:skinny:w8r6h:c2", "tiled:skinny:w8r2:c4"])
 def test_cluster_kernels_compile_for_hopper_and_refuse_older_gpus(name, tmp_path):
     config = parse_name(name)
     src = generate(config, bits=4, group_size=64, language="cuda")
@@ -329,6 +330,22 @@ EMULATED.append((emu.EmulatedKernel(WideConfig(2, 1, 24, clusters=5), 4, 64, "fl
                  QmmSpec(M=25, N=40, K=704, bits=4, group_size=64)))
 EMULATED.append((emu.EmulatedKernel(WideConfig(8, 2, 64, clusters=8), 4, 32, "float16"),
                  QmmSpec(M=64, N=256, K=1024, bits=4, group_size=32)))
+# skinny with K split over a cluster (CUDA only): the 8-row form at 8 bits, its parts
+# uneven (4 super-steps, one partial, over 2 blocks of 2 warps); with the next step's
+# weights fetched ahead, in 3 blocks (6 warps for 6 super-steps, the last partial);
+# the 16-row form with N ending inside a fragment; and more warps than super-steps (2 for
+# 8 warps over 4 blocks: most write zeros)
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3, half=True, clusters=2), 8, 32, "bfloat16",
+                                    tokens=5),
+                 QmmSpec(M=5, N=29, K=416, bits=8, group_size=32, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 2, half=True, prefetch=True, clusters=3), 4,
+                                    64, "float16", tokens=19),
+                 QmmSpec(M=19, N=40, K=704, bits=4, group_size=64)))
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3, clusters=2), 8, 128, "bfloat16",
+                                    tokens=13),
+                 QmmSpec(M=13, N=100, K=384, bits=8, group_size=128, dtype="bfloat16")))
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, clusters=4), 4, 32, "float16", tokens=16),
+                 QmmSpec(M=16, N=24, K=256, bits=4, group_size=32)))
 # the dequant kernel (checked against mx.dequantize): every bit width and dtype,
 # rows of 2-4 groups, K at one group, and a row longer than a block's threads
 for _bits, _gs, _dtype, _N, _K in ((4, 64, "float16", 5, 320), (8, 32, "bfloat16", 3, 96),

@@ -141,6 +141,7 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 #define QMM_HAS_QmmWgmma
 #define QMM_HAS_qmm_cluster_sync
 #define QMM_HAS_QmmClusterSum
+#define QMM_HAS_QmmClusterAdd
 
 // Predicated ld.global.nc with cache hints: plain loads, zeros unless live.
 inline uint4 qmm_load_w(const uint4* p, bool live) { return live ? *p : uint4{0, 0, 0, 0}; }
@@ -323,6 +324,27 @@ struct QmmClusterSum {
       }
     }
   }
+};
+
+// The skinny kernels' cluster sum, the same way: rank 0 sets each slot, each
+// next rank adds its own (the owner's order on the GPU), and the last rank
+// owns, and writes, every slot. sync() is the block's barrier, since the
+// thread that writes a slot's total is not always the one that put it.
+template <int CS>
+struct QmmClusterAdd {
+  float* sums;
+  int rank;
+  void init(float*, int n) {
+    rank = static_cast<int>(blockIdx.y) % CS;
+    sums = qmm_emu::cluster_sums(static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y) / CS,
+                                 n);
+    qmm_emu::block_sync();  // no thread resizes the sums while another holds them
+  }
+  void put(int i, float v) { sums[i] = rank == 0 ? v : sums[i] + v; }
+  void sync() const { qmm_emu::block_sync(); }
+  bool owns(int) const { return rank == CS - 1; }
+  float total(int i) const { return sums[i]; }
+  void done() const {}
 };
 
 template <typename T, int N>

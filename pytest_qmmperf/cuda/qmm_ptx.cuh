@@ -417,4 +417,46 @@ struct QmmClusterSum {
 #endif
   }
 };
+// The skinny kernels' K split over the CS blocks of a cluster (sm_90): each
+// block keeps its sum of each slot (one float a lane and accumulator) in its
+// own shared memory (put), and once the cluster has met (sync) the slot's
+// owner reads the CS blocks' sums of it, in rank order, straight from their
+// shared memory (total: ld.shared::cluster; a lane reads 4 consecutive bytes,
+// a warp 128). done(): the cluster meets again, so that no block leaves while
+// its sums may still be read. A slot of group g (the caller's accumulator)
+// belongs to the block of rank g % CS. PERFORMANCE.md 6x.
+template <int CS>
+struct QmmClusterAdd {
+  float* slots;
+  int rank;
+
+  __device__ __forceinline__ void init(float* s, int) {
+    slots = s;
+    unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    rank = static_cast<int>(r);
+  }
+  __device__ __forceinline__ void put(int i, float v) { slots[i] = v; }
+  __device__ __forceinline__ void sync() const { qmm_cluster_sync(); }
+  __device__ __forceinline__ bool owns(int g) const { return g % CS == rank; }
+  __device__ __forceinline__ float total(int i) const {
+    float t = 0.0f;
+#pragma unroll
+    for (int q = 0; q < CS; ++q) {
+      float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      unsigned remote;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                   : "=r"(remote)
+                   : "r"(qmm_smem_addr(slots + i)), "r"(q));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#endif
+      t += v;
+    }
+    return t;
+  }
+  __device__ __forceinline__ void done() const { qmm_cluster_sync(); }
+};
 #endif  // QMMPERF_CUDA_QMM_PTX

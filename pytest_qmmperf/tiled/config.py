@@ -38,8 +38,10 @@ FAMILY = "tiled"
 SIMD = 32
 #: Threads per threadgroup that both Metal and CUDA accept.
 MAX_THREADS = 1024
-#: Threadgroup memory of an Apple GPU threadgroup (CUDA's static limit is 48 KiB).
+#: Threadgroup memory of an Apple GPU threadgroup (CUDA's static limit: below).
 TG_MEMORY_LIMIT = 32768
+#: Static shared memory a CUDA block may declare (what the CUDA-only forms are held to).
+CUDA_SHARED_LIMIT = 49152
 #: The largest thread-block cluster CUDA guarantees to launch.
 MAX_CLUSTER = 8
 #: Halves of padding per shared-memory row: keeps 16-byte rows and spreads banks.
@@ -130,7 +132,7 @@ def _check_splits(name: str, splits: Any) -> None:
 
 
 def _check_clusters(name: str, clusters: Any) -> None:
-    """Blocks of a thread-block cluster that split K (wide kernel, CUDA)."""
+    """Blocks of a thread-block cluster that split K (wide and skinny kernels, CUDA)."""
     _positive(name, "clusters", clusters)
     if clusters > MAX_CLUSTER:
         raise TileError(f"{name}: clusters={clusters} exceeds {MAX_CLUSTER} blocks, the "
@@ -239,18 +241,29 @@ class SkinnyConfig:
     fragment.  ``prefetch`` (``p``, 8-row fragments only) asks for the next
     super-step's weights before this one's are dequantized.
     docs/PERFORMANCE.md, section 6q, measured both.
+
+    ``clusters`` (``:cS``, CUDA on sm_90 and later) splits K over the S
+    blocks of a thread-block cluster as well: block b's warps take super-steps
+    b * warps + w, (b + S) * warps + w, ..., and after the block's warps have
+    added their sums, each block reads the S blocks' sums of the outputs it
+    owns from their shared memory, adds them in block order and writes them.
+    So S blocks of ``rows`` fragments each read only their share of x, where
+    one block of S x ``rows`` fragments would leave SMs idle
+    (docs/PERFORMANCE.md, section 6x).  Metal has no clusters and refuses it.
     """
 
     warps: int = 8
     rows: int = 1
     half: bool = False
     prefetch: bool = False
+    clusters: int = 1
 
     def __post_init__(self) -> None:
         name = self.name
         _positive(name, "warps", self.warps)
         _positive(name, "rows", self.rows)
         _check_warps(name, self.warps)
+        _check_clusters(name, self.clusters)
         if self.rows > MAX_SKINNY_ROWS * (2 if self.half else 1):
             raise TileError(
                 f"{name}: rows={self.rows} exceeds {MAX_SKINNY_ROWS} 16-row fragments per warp "
@@ -263,11 +276,13 @@ class SkinnyConfig:
                 "next super-step's weights do not fit in a lane's registers"
             )
         _check_block_registers(name, self.threads, self.registers, "use fewer warps or rows")
-        if self.shared_bytes > TG_MEMORY_LIMIT:
+        # A cluster split runs on CUDA only, whose blocks may declare more.
+        limit, of = ((CUDA_SHARED_LIMIT, "static shared memory of a CUDA block")
+                     if self.clusters > 1 else (TG_MEMORY_LIMIT, "Apple GPUs"))
+        if self.shared_bytes > limit:
             raise TileError(
                 f"{name}: needs {self.shared_bytes} bytes of threadgroup memory (warps x rows x "
-                f"32 lanes x 8 partial sums), over the {TG_MEMORY_LIMIT}-byte limit of Apple "
-                "GPUs"
+                f"32 lanes x 8 partial sums), over the {limit}-byte limit of {of}"
             )
 
     @property
@@ -301,15 +316,17 @@ class SkinnyConfig:
     @property
     def name(self) -> str:
         default = SkinnyConfig.__dataclass_fields__
+        cluster = f":c{self.clusters}" if self.clusters != 1 else ""
         if (self.warps, self.rows, self.half, self.prefetch) == (
                 default["warps"].default, default["rows"].default, False, False):
-            return f"{FAMILY}:skinny"
+            return f"{FAMILY}:skinny{cluster}"
         return (f"{FAMILY}:skinny:w{self.warps}" + (f"r{self.rows}" if self.rows != 1 else "")
-                + ("h" if self.half else "") + ("p" if self.prefetch else ""))
+                + ("h" if self.half else "") + ("p" if self.prefetch else "") + cluster)
 
     def params(self) -> dict[str, Any]:
         return {"kernel": "skinny", "warps": self.warps, "rows": self.rows,
-                "fragment_rows": self.fragment_rows, "prefetch": self.prefetch}
+                "fragment_rows": self.fragment_rows, "prefetch": self.prefetch,
+                "clusters": self.clusters}
 
 
 @dataclass(frozen=True)
@@ -667,7 +684,9 @@ _TILE_RE = re.compile(
     r"^(?P<bm>\d+)x(?P<bn>\d+)(?:x(?P<bk>\d+))?:wm(?P<wm>\d+)wn(?P<wn>\d+)"
     r"(?::k(?P<k>\d+))?(?::d(?P<d>\d+))?$"
 )
-_SKINNY_RE = re.compile(r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?(?P<h>h)?(?P<p>p)?)?$")
+_SKINNY_RE = re.compile(
+    r"^skinny(?::w(?P<w>\d+)(?:r(?P<r>\d+))?(?P<h>h)?(?P<p>p)?)?(?::c(?P<c>\d+))?$"
+)
 _WIDE_RE = re.compile(
     r"^wide:w(?P<w>\d+)r(?P<r>\d+)m(?P<m>\d+)(?::k(?P<k>\d+))?(?::c(?P<c>\d+))?(?::d(?P<d>\d+))?"
     r"(?::g(?P<g>\d+))?(?::q(?P<q>\d+))?$"
@@ -676,7 +695,8 @@ _DECODE_RE = re.compile(r"^decode(?::r(?P<r>\d+)w(?P<w>\d+)(?:u(?P<u>\d+))?(?:k(
 
 GRAMMAR = (
     f"{FAMILY}:BMxBN[xBK]:wmWMwnWN[:kSPLITS][:dMAXM] (e.g. {FAMILY}:160x32:wm4wn1) "
-    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] or {FAMILY}:skinny[:wWARPS[rROWS][h][p]] "
+    f"or {FAMILY}:decode[:rROWSwWARPS[uVECTORS][kSPLITS]] "
+    f"or {FAMILY}:skinny[:wWARPS[rROWS][h][p]][:cCLUSTER] "
     f"or {FAMILY}:wide:wWARPSrROWSmTOKENS[:kSPLITS][:cCLUSTER][:dMAXM][:gMINM][:qMAXM] "
     f"or {FAMILY}:dequant"
 )
@@ -701,10 +721,11 @@ def parse_name(name: str) -> KernelConfig:
         )
     m = _SKINNY_RE.match(rest)
     if m:
+        clusters = int(m["c"] or 1)
         if m["w"] is None:
-            return SkinnyConfig()
+            return SkinnyConfig(clusters=clusters)
         return SkinnyConfig(warps=int(m["w"]), rows=int(m["r"] or 1), half=m["h"] is not None,
-                            prefetch=m["p"] is not None)
+                            prefetch=m["p"] is not None, clusters=clusters)
     m = _WIDE_RE.match(rest)
     if m:
         return WideConfig(

@@ -493,7 +493,7 @@ $head
   QmmSkinny<T, TILES, RF, BITS> sk;
   sk.init(lane);
   $shared float red[W * ACC * $SIMD];
-  for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
+  for (int ks = $kfirst; ks < K; ks += $kstride) {
     // Every load of the step first (weights, their group's terms, x), so
     // that their latencies overlap; then dequantize and multiply.
     uint32_t wv[RF][2][CW];
@@ -539,7 +539,7 @@ $prologue
   const int KW = K / PACK;
   const int G = K / GS;
   const int n0 = bx * $FR * RF;
-  const int m0 = by * 8 * TILES;"""
+$parts"""
 
 # The skinny kernels' end: the warps' partial sums meet in threadgroup memory.
 _SKINNY_REDUCE = """\
@@ -563,6 +563,60 @@ _SKINNY_REDUCE = """\
   }
 """
 
+# The skinny kernels' K split over a cluster (CUDA, `:cS`): block bz of the CS
+# blocks takes super-steps bz * W + w, (bz + CS) * W + w, ... (warp w), so that
+# the cluster's blocks share out one K between them, as a block's warps do.
+_SKINNY_PLAIN_PARTS = """\
+  const int m0 = by * 8 * TILES;"""
+
+_SKINNY_CLUSTER_PARTS = """\
+  // K split over the CS blocks of a thread-block cluster, consecutive in y.
+  constexpr int CS = $CS;
+  const int bz = by % CS;
+  const int m0 = (by / CS) * 8 * TILES;"""
+
+_SKINNY_CLUSTER_REDUCE = """\
+#pragma unroll
+  for (int e = 0; e < ACC; ++e) {
+    red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.frag.value(e);
+  }
+  $barrier;
+  // The block's sums: warp q adds up accumulators q, q + W, ... over the warps,
+  // in warp order, and once every warp has read keeps them where warp 0's were.
+  float v[ACC];
+#pragma unroll
+  for (int e = 0; e < ACC; ++e) {
+    v[e] = 0.0f;
+    if (e % W == int(warp)) {
+      for (int q = 0; q < W; ++q) {
+        v[e] += red[(q * ACC + e) * $SIMD + int(lane)];
+      }
+    }
+  }
+  $barrier;
+  // The cluster adds its CS blocks' sums (the layer's QmmClusterAdd): a lane's
+  // accumulator e belongs to block e % CS, whose warp (e / CS) % W reads the
+  // CS blocks' sums of it in block order and writes it.
+  QmmClusterAdd<CS> ca;
+  ca.init(red, ACC * $SIMD);
+#pragma unroll
+  for (int e = 0; e < ACC; ++e) {
+    if (e % W == int(warp)) {
+      ca.put(e * $SIMD + int(lane), v[e]);
+    }
+  }
+  ca.sync();
+#pragma unroll
+  for (int e = 0; e < ACC; ++e) {
+    const int m = m0 + sk.frag.token(e);
+    const int n = n0 + sk.frag.out_row(e);
+    if ((e / CS) % W == int(warp) && ca.owns(e) && m < M && n < N) {
+      out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(ca.total(e * $SIMD + int(lane)));
+    }
+  }
+  ca.done();
+"""
+
 
 _SKINNY8_BODY = Template("""\
   // The skinny kernel with fragments of 8 weight rows (`h`): block bx computes
@@ -583,8 +637,8 @@ $head
   uint32_t wv[RF][1][CW];
   float sv[RF][1];
   float bv[RF][1];
-  for (int ks = int(warp) * 128; ks < K; ks += W * 128) {
-    if (!PREFETCH || ks == int(warp) * 128) {
+  for (int ks = $kfirst; ks < K; ks += $kstride) {
+    if (!PREFETCH || ks == $kfirst) {
 $weights
     }
     sk.load_x(x, m0, ks, K, M);
@@ -592,7 +646,7 @@ $weights
     float sn[RF][1];
     float bn[RF][1];
     if (PREFETCH) {
-      const int kn = ks + W * 128;
+      const int kn = ks + $kstride;
 $next
     }
 #pragma unroll
@@ -895,10 +949,20 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         values = {**values, "stage": _indent_free(
             Template(_WIDE_STAGE).substitute(tg=dialect.tg, dst="xb"))}
     if template in (_SKINNY_BODY, _SKINNY8_BODY):
-        values = {**values, "reduce": _indent_free(Template(_SKINNY_REDUCE).substitute(
-            SIMD=SIMD, barrier=dialect.barrier)), "head": Template(_SKINNY_HEAD).substitute(
-            values, prologue=_indent_free(dialect.prologue),
-            FR=8 if template is _SKINNY8_BODY else 16)}
+        cluster = int(str(values["CS"])) > 1
+        values = {
+            **values,
+            "reduce": _indent_free(Template(
+                _SKINNY_CLUSTER_REDUCE if cluster else _SKINNY_REDUCE).substitute(
+                    SIMD=SIMD, barrier=dialect.barrier)),
+            "head": Template(_SKINNY_HEAD).substitute(
+                values, prologue=_indent_free(dialect.prologue),
+                FR=8 if template is _SKINNY8_BODY else 16,
+                parts=Template(_SKINNY_CLUSTER_PARTS if cluster else _SKINNY_PLAIN_PARTS
+                               ).substitute(values)),
+            "kfirst": "(bz * W + int(warp)) * 128" if cluster else "int(warp) * 128",
+            "kstride": "CS * W * 128" if cluster else "W * 128",
+        }
     if template is _SKINNY_BODY:
         values = {**values, "weights": _indent_free(weights.substitute(
             dev=dialect.dev, frag="sk.frag", n="n0", k="ks", w="wv", s="sv", b="bv",
@@ -1016,6 +1080,13 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
             f"language={language!r}: kernels are generated for {', '.join(DIALECTS)}"
         ) from None
     header = compact(dialect.layer())
+    clusters = config.clusters if isinstance(config, (SkinnyConfig, WideConfig)) else 1
+    if clusters > 1 and language != "cuda":
+        raise TileError(
+            f"{config.name}: splits K over a thread-block cluster (c{clusters}), "
+            f"which {language} does not have; only the CUDA kernel (sm_90 and later) does"
+        )
+    cluster = f"c{clusters}" if clusters > 1 else ""
     if isinstance(config, TileConfig):
         body = _render(
             _TILED_BODY, dialect, BM=config.bm, BN=config.bn, BK=config.bk, WM=config.wm,
@@ -1027,24 +1098,20 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         )
     elif isinstance(config, SkinnyConfig) and config.half:
         body = _render(_SKINNY8_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
-                       GS=group_size, PREFETCH="true" if config.prefetch else "false")
+                       GS=group_size, PREFETCH="true" if config.prefetch else "false",
+                       CS=clusters)
         stem = (f"qmmperf_skinny_w{config.warps}r{config.rows}h{'p' if config.prefetch else ''}"
-                f"_b{bits}_g{group_size}_{language}")
+                f"{cluster}_b{bits}_g{group_size}_{language}")
     elif isinstance(config, SkinnyConfig):
         body = _render(_SKINNY_BODY, dialect, W=config.warps, RF=config.rows, BITS=bits,
-                       GS=group_size)
-        stem = f"qmmperf_skinny_w{config.warps}r{config.rows}_b{bits}_g{group_size}_{language}"
+                       GS=group_size, CS=clusters)
+        stem = (f"qmmperf_skinny_w{config.warps}r{config.rows}{cluster}"
+                f"_b{bits}_g{group_size}_{language}")
     elif isinstance(config, WideConfig):
-        if config.clusters > 1 and language != "cuda":
-            raise TileError(
-                f"{config.name}: splits K over a thread-block cluster (c{config.clusters}), "
-                f"which {language} does not have; only the CUDA kernel (sm_90 and later) does"
-            )
         body = _render(
             _WIDE_BODY, dialect, W=config.warps, RF=config.rows, TOK=config.tokens,
             KS=config.splits, CS=config.clusters, BITS=bits, GS=group_size, XP=WIDE_ROW_PITCH,
         )
-        cluster = f"c{config.clusters}" if config.clusters > 1 else ""
         stem = (f"qmmperf_wide_w{config.warps}r{config.rows}m{config.tokens}k{config.splits}"
                 f"{cluster}_b{bits}_g{group_size}_{language}")
     elif isinstance(config, DequantConfig):
@@ -1062,8 +1129,8 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
     header = prune(header, body)
-    if isinstance(config, WideConfig) and config.clusters > 1:
-        header = Template(_CLUSTER_HEADER).substitute(CS=config.clusters) + header
+    if clusters > 1:
+        header = Template(_CLUSTER_HEADER).substitute(CS=clusters) + header
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
         threads=config.threads, output_dtype="float32" if output_planes(config) > 1 else None,
@@ -1122,7 +1189,8 @@ def geometry(config: KernelConfig, M: int, N: int) -> tuple[tuple[int, int, int]
     elif isinstance(config, DequantConfig):
         blocks = (N, 1)  # one weight row a block, whatever M
     elif isinstance(config, SkinnyConfig):
-        blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, 8 * skinny_tiles(M)))
+        blocks = (_ceil_div(N, config.rows_per_block),
+                  _ceil_div(M, 8 * skinny_tiles(M)) * config.clusters)
     else:
         blocks = (_ceil_div(N, config.rows_per_block), _ceil_div(M, decode_tokens(M)))
     return (blocks[0] * threads, blocks[1], 1), (threads, 1, 1)

@@ -132,8 +132,8 @@ class TiledQmm:
             dtype=spec.dtype,
         )
         config = self.config
-        if (reason is None and isinstance(config, WideConfig) and config.clusters > 1
-                and backend() == "metal"):
+        if (reason is None and isinstance(config, (SkinnyConfig, WideConfig))
+                and config.clusters > 1 and backend() == "metal"):
             reason = (f"clusters={config.clusters}: K split over a thread-block cluster, "
                       "which Metal does not have (CUDA, sm_90 and later)")
         return reason

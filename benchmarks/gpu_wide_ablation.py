@@ -1,17 +1,19 @@
-"""Where the wide kernel's time goes: the kernel alone with parts of it taken out.
+"""Where the wide and skinny kernels' time goes: the kernel alone with parts of it taken out.
 
     python benchmarks/gpu_wide_ablation.py gate_up:128:tiled:wide:w8r2m64:c2 \
         gate_up:128:tiled:wide:w8r2m64:c2@EPI0 gate_up.256:128:tiled:wide:w8r2m64:c2@NOMMA
 
 Each case is ``SHAPE[.K]:M:NAME[@ABL[+ABL...]]``: a Llama-3.2-3B projection
 (``qo``, ``kv``, ``gate_up``, ``down``) or ``NxK``, optionally with its K
-replaced (``.256``: one 128-k super-step), the tokens, a ``tiled:wide:`` kernel
-name, and ablations from :data:`ABLATIONS`, each a textual edit of the
-generated CUDA source (the kernel then runs under a name of its own).  An
-ablated kernel computes wrong sums on purpose; what it still does costs what
-it cost.  Every ablation keeps every accumulator in use: ptxas removes a
-``wgmma`` whose results nothing reads, which would time a kernel with half its
-matrix work gone.
+replaced (``.256``: one 128-k super-step), the tokens, a ``tiled:wide:`` or
+``tiled:skinny`` kernel name, and ablations from :data:`ABLATIONS`, each a
+textual edit of the generated CUDA source (the kernel then runs under a name
+of its own).  An ablated kernel computes wrong sums on purpose; what it
+still does costs what it cost.  A few edits change how a kernel runs, not
+what it computes (``SKNOGUARD`` on whole tiles, ``SKPREFETCH``, ``LB512``):
+theirs stay right.  Every ablation keeps every accumulator in use: ptxas
+removes a ``wgmma`` whose results nothing reads, which would time a kernel
+with half its matrix work gone.
 
 A case is compiled through CuPy from the source MLX compiles
 (:func:`gpu_kernels.cupy_kernel`), its error against a float32 reference
@@ -91,6 +93,16 @@ def _old_cluster(body: str, ablation: str, code: str) -> str:
     return body[:body.index(_OLD_SUM)] + _OLD_SUM + code + _SUM_ALL
 
 
+_SKINNY_X = ("sk.template load_x<QMM_OPS_C>(x, m0, ks, K, M);", "sk.load_x(x, m0, ks, K, M);")
+
+
+def _first_x(body: str, ablation: str) -> str:
+    for call in _SKINNY_X:
+        if call in body:
+            return body.replace(call, "if (ks < W * 128) {\n" + call + "\n}")
+    raise AblationError(f"ablation {ablation}: no skinny kernel's x load in this kernel's source")
+
+
 Edit = Callable[[str, str, str], tuple[str, str]]
 
 #: name -> (what it takes out, edit(header, body, name) -> (header, body)).
@@ -128,6 +140,33 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
                    lambda h, b, a: (_swap(_swap(h, "if constexpr (WG) {\nfence_acc();\n",
                                                 "if constexpr (WG) {\n", a),
                                           "fresh = 0;\nfence_acc();\n", "fresh = 0;\n", a), b)),
+    # The skinny kernels (a warp loads its x and weights each super-step it takes).
+    "XLINE": ("x's loads, each lane's four 16 bytes of a token moved so that the four "
+              "lanes of a token read 64 contiguous bytes an instruction (k = 8t + 32c "
+              "instead of 32t + 8c: as many bytes, in half the sectors and lines)",
+              lambda h, b, a: (_swap(_swap(h, "const int k = ks + 32 * t;",
+                                           "const int k = ks + 8 * t;", a),
+                                     "static_cast<size_t>(k + 8 * c));",
+                                     "static_cast<size_t>(k + 32 * c));", a), b)),
+    "SKNOX": ("x's loads after a warp's first super-step (the first x kept)",
+              lambda h, b, a: (h, _first_x(b, a))),
+    "SKNOW": ("the weights' loads after a warp's first super-step (zeros from then on)",
+              lambda h, b, a: (h, _swap(b, "const bool live = k < K && row < N;",
+                                        "const bool live = k < K && row < N && ks < W * 128;",
+                                        a))),
+    "SKNOGUARD": ("the range checks of x's and the weights' loads (still right where the "
+                  "tokens, rows and K fill whole fragments and super-steps)",
+                  lambda h, b, a: (_swap(h, "if (k < K && m < M) {", "if (true) {", a),
+                                   _swap(b, "const bool live = k < K && row < N;",
+                                         "const bool live = true;", a))),
+    "SKPREFETCH": ("nothing: the 8-row skinny kernel's weights fetched a super-step ahead "
+                   "(its `p`), where the configuration check would refuse it for 8 bits",
+                   lambda h, b, a: (h, _swap(b, "constexpr bool PREFETCH = false;",
+                                             "constexpr bool PREFETCH = true;", a))),
+    "LB512": ("nothing: the kernel declared for blocks of up to 512 threads "
+              "(__launch_bounds__(512), so ptxas keeps to 128 registers a thread)",
+              lambda h, b, a: ("#undef __global__\n#define __global__ __location__(global) "
+                               "__launch_bounds__(512)\n" + h, b)),
     "SYNC1": ("the cluster sum as up to 5a44198, cut to its first barrier",
               lambda h, b, a: (h, _old_cluster(b, a, ""))),
     "SYNC2": ("the cluster sum as up to 5a44198, cut to its two barriers",
@@ -170,10 +209,11 @@ def parse_case(text: str) -> Case:
         M = int(m)
     except ValueError:
         N = K = M = 0
-    if min(N, K, M) < 1 or not name.startswith("tiled:wide:"):
+    if min(N, K, M) < 1 or not name.startswith(("tiled:wide:", "tiled:skinny")):
         raise AblationError(
             f"case {text!r}: expected SHAPE[.K]:M:NAME[@ABL[+ABL...]] with SHAPE one of "
-            f"{', '.join(SHAPES)} or NxK, K and M positive integers, NAME a tiled:wide: kernel"
+            f"{', '.join(SHAPES)} or NxK, K and M positive integers, NAME a tiled:wide: or "
+            "tiled:skinny kernel"
         )
     ablations = tuple(abl.split("+")) if abl else ()
     for a in ablations:

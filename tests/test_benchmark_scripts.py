@@ -165,6 +165,8 @@ def test_probe_kernels_compile_for_hopper_without_spills(text: str, tmp_path: Pa
          (8192, 256, 128, "tiled:wide:w8r2m64:c2", ("NOMMA", "NOW"))),
         ("down:128:tiled:wide:w8r2m64:k5", (3072, 8192, 128, "tiled:wide:w8r2m64:k5", ())),
         ("3000x64:161:tiled:wide:w8r2m64@EPI0", (3000, 64, 161, "tiled:wide:w8r2m64", ("EPI0",))),
+        ("down:16:tiled:skinny:w16r3h@SKPREFETCH+LB512",
+         (3072, 8192, 16, "tiled:skinny:w16r3h", ("SKPREFETCH", "LB512"))),
     ],
 )
 def test_ablation_cases_name_shape_k_tokens_kernel_and_ablations(text: str,
@@ -179,7 +181,7 @@ def test_ablation_cases_name_shape_k_tokens_kernel_and_ablations(text: str,
         ("gate_up:0:tiled:wide:w8r2m64", "K and M positive integers"),
         ("up:128:tiled:wide:w8r2m64", "SHAPE one of qo, kv, gate_up, down or NxK"),
         ("gate_up.x:128:tiled:wide:w8r2m64", "expected SHAPE[.K]:M:NAME"),
-        ("gate_up:128:tiled:skinny:w8r2", "NAME a tiled:wide: kernel"),
+        ("gate_up:128:tiled:decode", "NAME a tiled:wide: or tiled:skinny kernel"),
         ("gate_up:128:tiled:wide:w8r2m64@NOPE", "ablation 'NOPE' is not one of NODQ, NOMMA"),
     ],
 )
@@ -242,21 +244,62 @@ def test_ablations_of_the_earlier_cluster_sum_refuse_todays_kernel(ablation: str
         gpu_wide_ablation.ablate(src.header, src.body, [ablation])
 
 
+@pytest.mark.parametrize("name", ["tiled:skinny:w8r2", "tiled:skinny:w16r3h"])
+def test_the_skinny_ablations_edit_both_forms_of_the_kernel(name: str) -> None:
+    src = _wide(name)
+    edit = {a: gpu_wide_ablation.ablate(src.header, src.body, [a])
+            for a in ("XLINE", "SKNOX", "SKNOW", "SKNOGUARD", "LB512")}
+    # x's four 16-byte loads of a token: 8 k apart for one lane -> 32 k apart
+    header, body = edit["XLINE"]
+    assert body == src.body and "const int k = ks + 8 * t;" in header
+    assert "static_cast<size_t>(k + 32 * c));" in header
+    # x loaded only in a warp's first super-step; the weights live only then
+    header, body = edit["SKNOX"]
+    assert header == src.header and body.count("if (ks < W * 128) {\n") == 1
+    header, body = edit["SKNOW"]
+    assert "const bool live = k < K && row < N && ks < W * 128;" in body
+    assert "const bool live = k < K && row < N;" not in body
+    header, body = edit["SKNOGUARD"]
+    assert "if (k < K && m < M) {" not in header and "const bool live = true;" in body
+    header, body = edit["LB512"]
+    assert header.startswith("#undef __global__\n#define __global__ __location__(global) "
+                             "__launch_bounds__(512)\n") and body == src.body
+
+
+def test_the_prefetch_ablation_takes_the_8_row_kernel_without_it_only() -> None:
+    src = _wide("tiled:skinny:w16r3h")
+    _, body = gpu_wide_ablation.ablate(src.header, src.body, ["SKPREFETCH"])
+    assert "constexpr bool PREFETCH = true;" in body
+    for name in ("tiled:skinny:w12r3hp", "tiled:skinny:w8r2", "tiled:wide:w8r2m64"):
+        src = _wide(name)
+        with pytest.raises(gpu_wide_ablation.AblationError, match="ablation SKPREFETCH: "):
+            gpu_wide_ablation.ablate(src.header, src.body, ["SKPREFETCH"])
+
+
 @pytest.mark.skipif(cuda_check.nvcc() is None, reason="nvcc is not installed")
 def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     units = []
     for name, ablations in (("tiled:wide:w8r2m64:c2", ["EPI0", "NOMMA"]),
-                            ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"])):
+                            ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"]),
+                            ("tiled:skinny:w8r2", ["XLINE", "SKNOX", "SKNOW"]),
+                            ("tiled:skinny:w8r2", ["SKNOGUARD"]),
+                            ("tiled:skinny:w16r3h", ["SKPREFETCH", "LB512"])):
         config = parse_name(name)
         src = _wide(name)
         header, body = gpu_wide_ablation.ablate(src.header, src.body, ablations)
-        src = source.KernelSource(name=src.name + "_ablated", language="cuda", header=header,
+        src = source.KernelSource(name=src.name + "_ablated_" + "_".join(ablations),
+                                  language="cuda", header=header,
                                   body=body, threads=src.threads, output_dtype=src.output_dtype)
         units.append(cuda.translation_unit(src, template=[("T", "float16"),
                                                           *template_args(config, 128)]))
     result = cuda_check.compile_check(units, tmp_path)
     assert result.returncode == 0, result.log[-4000:]
-    assert len([k for k in result.kernels if "_ablated" in k.mangled]) == 2
+    ablated = [k for k in result.kernels if "_ablated" in k.mangled]
+    assert len(ablated) == 5
+    # the 8-row kernel fetching ahead, held to 128 registers a thread by its launch
+    # bounds: without them it takes more than 512 threads can have (and does not launch)
+    assert all((k.spill_stores, k.spill_loads) == (0, 0) for k in ablated)
+    assert max(k.registers for k in ablated if "skinny_w16r3h" in k.mangled) <= 128
 
 
 def test_overlap_probe_cases_try_every_alu_instruction_alone_and_beside_wgmma() -> None:

@@ -143,7 +143,8 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:skinny:w8r9h", "rows=9 exceeds 4 16-row fragments per warp (8 of 8 rows"),
         ("tiled:skinny:w8r2p", "prefetch (p) needs 8-row fragments (h)"),
         ("tiled:skinny:w8p", "prefetch (p) needs 8-row fragments (h)"),
-        ("tiled:skinny:w16r3hp", "512 threads x about 134 registers each exceed the 65536"),
+        # fetching ahead, held to the block by launch bounds: the form without has to fit
+        ("tiled:skinny:w16r5hp", "512 threads x about 144 registers each exceed the 65536"),
         ("tiled:64x64:wm2wn2:k0", "splits=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k17", "splits=17 exceeds 16 blocks per output tile"),
         ("tiled:wide:w4r2m12", "tokens=12 must be a multiple of 8 (8-token fragments) up to 64"),
@@ -398,6 +399,28 @@ def test_a_cluster_split_is_cuda_only_and_carries_its_cluster_shape():
                             language="cuda")
     assert "__cluster_dims__" not in plain.header and "QmmClusterSum" not in plain.header
     assert "wd.frag.store" in plain.body and plain.output_dtype == "float32"
+
+
+def test_launch_bounds_only_where_fetching_ahead_would_not_fit_the_block():
+    bounded = parse_name("tiled:skinny:w16r3hp")  # 512 threads x 134 registers > 65536
+    assert bounded.launch_bounds and bounded.launch_registers == 104
+    src = source.generate(bounded, bits=8, group_size=32, language="cuda")
+    assert src.header.startswith("#if !defined(QMMPERF_CUDA_CPU_EMULATION)\n#undef __global__\n"
+                                 "#define __global__ __location__(global) "
+                                 "__launch_bounds__(512)\n#endif\n")
+    both = source.generate(parse_name("tiled:skinny:w16r3hp:c2"), bits=4, group_size=64,
+                           language="cuda")
+    assert ("#define __global__ __location__(global) __cluster_dims__(1, 2, 1) "
+            "__launch_bounds__(512)\n") in both.header
+    assert "needs sm_90 or later" in both.header
+    # 384 x 134 fits: no bounds (they would change ptxas's schedule of a measured kernel)
+    for name in ("tiled:skinny:w12r3hp", "tiled:skinny:w16r3h"):
+        config = parse_name(name)
+        assert not config.launch_bounds and config.launch_registers == config.registers
+        src = source.generate(config, bits=4, group_size=64, language="cuda")
+        assert "__launch_bounds__" not in src.header and "#undef __global__" not in src.header
+    metal = source.generate(bounded, bits=4, group_size=64, language="metal")
+    assert "__launch_bounds__" not in metal.header
 
 
 def test_a_skinny_cluster_split_is_cuda_only_and_shares_out_k():

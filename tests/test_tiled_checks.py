@@ -43,7 +43,7 @@ CONFIGS = [parse_name(n) for n in (
     "tiled:32x64x128:wm2wn2", "tiled:decode:r2w4u4", "tiled:decode:r1w8",
     "tiled:64x128:wm4wn4", "tiled:skinny:w4", "tiled:decode:r2w8k4", "tiled:skinny:w8r2",
     "tiled:skinny:w16r2", "tiled:skinny:w8r4", "tiled:skinny:w16r3h", "tiled:skinny:w12r3hp",
-    "tiled:skinny:w8r4hp", "tiled:96x64x64:wm4wn2:k4",
+    "tiled:skinny:w8r4hp", "tiled:skinny:w16r3hp", "tiled:96x64x64:wm4wn2:k4",
     "tiled:32x64x128:wm2wn2:k3", "tiled:wide:w4r1m16:k4", "tiled:wide:w4r2m32:k4",
     "tiled:dequant",
 )]
@@ -230,6 +230,19 @@ ptxas info    : Used 40 registers, used 0 barriers
     assert (bar.arch, bar.registers, bar.spill_stores, bar.shared_bytes) == ("sm_80", 40, 0, 0)
 
 
+def test_a_unit_whose_kernel_redefines_global_gives_cudas_back():
+    # (a cluster shape, launch bounds): joined units, as the checks compile them,
+    # would otherwise give every later kernel the same attributes
+    bounded = generate(parse_name("tiled:skinny:w16r3hp"), bits=4, group_size=64,
+                       language="cuda")
+    text = cuda.translation_unit(bounded, template=[("T", "float16"), ("TILES", 2)])
+    assert text.endswith("} // namespace mlx::core::cu\n\n#if !defined(QMMPERF_CUDA_CPU_EMULATION)"
+                         "\n#undef __global__\n#define __global__ __location__(global)\n#endif\n")
+    plain = generate(parse_name("tiled:skinny:w16r3h"), bits=4, group_size=64, language="cuda")
+    text = cuda.translation_unit(plain, template=[("T", "float16"), ("TILES", 2)])
+    assert "__global__ __location__" not in text
+
+
 def test_cuda_translation_unit_matches_mlx_wrapping():
     src = generate(parse_name("tiled:decode"), bits=8, group_size=32, language="cuda")
     text = cuda.translation_unit(src, dtype="float16", template=[("T", "float16"), ("MR", 2)])
@@ -296,6 +309,11 @@ EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 3, half=True), 8, 32, "bfloa
 EMULATED.append((emu.EmulatedKernel(SkinnyConfig(2, 2, half=True, prefetch=True), 4, 64,
                                     "float16", tokens=19),
                  QmmSpec(M=19, N=40, K=704, bits=4, group_size=64)))
+# launch bounds (CUDA; none in the emulation): 16 warps fetching ahead, most without a
+# super-step of their own
+EMULATED.append((emu.EmulatedKernel(SkinnyConfig(16, 3, half=True, prefetch=True), 4, 32,
+                                    "bfloat16", tokens=16),
+                 QmmSpec(M=16, N=48, K=640, bits=4, group_size=32, dtype="bfloat16")))
 # tiles split over K: uneven parts (8 slices in 3), and more parts than slices
 # (2 slices in 4: the last parts write zeros)
 EMULATED.append((emu.EmulatedKernel(parse_name("tiled:32x32:wm2wn2:k3"), 8, 64, "bfloat16"),

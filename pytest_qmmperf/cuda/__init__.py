@@ -73,7 +73,8 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
     ``__grid_constant__`` when the body names them) and output, with the
     template arguments as ``using``/``constexpr`` lines ahead of the body.
     ``default_header`` may be a replacement for :data:`DEFAULT_HEADER`, or
-    ``False`` for none.
+    ``False`` for none.  A kernel whose header redefines ``__global__`` gets CUDA's
+    back at the end, so that units can be joined.
     """
     if template is None:
         template = [("T", dtype)]
@@ -98,4 +99,10 @@ def translation_unit(src: KernelSource, *, dtype: str = "float16",
             parts.append(f"  constexpr int {key} = {value};")
     parts.append(src.body)
     parts.append("}\n\n} // namespace mlx::core::cu\n")
+    if "#define __global__" in src.header:
+        # The kernel's attributes ride on __global__ (a cluster shape, launch bounds).
+        # MLX compiles each kernel alone; a unit of several, as the checks build, gives
+        # the next kernel CUDA's own.
+        parts.append("#if !defined(QMMPERF_CUDA_CPU_EMULATION)\n#undef __global__\n"
+                     "#define __global__ __location__(global)\n#endif\n")
     return "\n".join(parts)

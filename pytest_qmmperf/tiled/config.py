@@ -275,7 +275,8 @@ class SkinnyConfig:
                 f"{name}: prefetch (p) needs 8-row fragments (h): with 16-row fragments the "
                 "next super-step's weights do not fit in a lane's registers"
             )
-        _check_block_registers(name, self.threads, self.registers, "use fewer warps or rows")
+        _check_block_registers(name, self.threads, self.launch_registers,
+                               "use fewer warps or rows")
         # A cluster split runs on CUDA only, whose blocks may declare more.
         limit, of = ((CUDA_SHARED_LIMIT, "static shared memory of a CUDA block")
                      if self.clusters > 1 else (TG_MEMORY_LIMIT, "Apple GPUs"))
@@ -299,13 +300,30 @@ class SkinnyConfig:
 
     @property
     def registers(self) -> int:
-        """Registers per thread, as ptxas allocates them for sm_90a at 8 bits (the widest):
-        95, 128 and 224 measured at 1, 2 and 4 rows; with 8-row fragments at most 62, 76,
-        104 and 122 at 1-4 rows over the bit widths and dtypes, and up to 30 more with
-        prefetch (134 at 3 rows: ``w16r3hp`` would not launch at 8 bits)."""
+        """Registers per thread, as ptxas allocates them for sm_90a at 8 bits (the widest)
+        when nothing holds it back: 95, 128 and 224 measured at 1, 2 and 4 rows; with
+        8-row fragments at most 62, 76, 104 and 122 at 1-4 rows over the bit widths and
+        dtypes, and up to 30 more with prefetch (134 at 3 rows)."""
         if self.half:
             return 44 + 20 * self.rows + (30 if self.prefetch else 0)
         return 64 + 32 * self.rows + (32 if self.rows >= 3 else 0)
+
+    @property
+    def launch_bounds(self) -> bool:
+        """Whether the CUDA kernel declares launch bounds of its threads: with prefetch,
+        where :attr:`registers` would not fit a block, so that ptxas keeps to the block's
+        share of the 65536 (``w16r3hp``: 90-128 registers over bit widths, dtypes and
+        groups, no spills, where it takes up to 134 and does not launch).  Elsewhere the
+        kernels stay as measured: bounds change ptxas's schedule even where they do not
+        bind."""
+        return self.prefetch and self.threads * self.registers > REGISTERS_PER_BLOCK
+
+    @property
+    def launch_registers(self) -> int:
+        """What the block's registers are checked with: with launch bounds, the form
+        without prefetch has to fit, so that the bounds only cost fetching ahead, not
+        spills."""
+        return self.registers - 30 if self.launch_bounds else self.registers
 
     @property
     def shared_bytes(self) -> int:

@@ -865,16 +865,31 @@ _WIDE_CLUSTER_STORE = """\
 #: Ahead of a cluster kernel's header (CUDA). MLX writes the kernel's signature
 #: itself and takes no cluster shape, but the header comes before it, so the shape
 #: rides on ``__global__`` (PERFORMANCE.md 6u: so launched, alone and in MLX's CUDA
-#: graphs). Not in the CPU emulation, which runs a cluster's blocks in turn.
-_CLUSTER_HEADER = """\
-#if !defined(QMMPERF_CUDA_CPU_EMULATION)
+#: graphs), as do launch bounds (:func:`_kernel_attributes`). Not in the CPU
+#: emulation, which runs a cluster's blocks in turn.
+_CLUSTER_CHECK = """\
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #error "qmmperf: this kernel splits K over a thread-block cluster, which needs sm_90 or later"
 #endif
-#undef __global__
-#define __global__ __location__(global) __cluster_dims__(1, $CS, 1)
-#endif
 """
+
+
+def _kernel_attributes(config: KernelConfig, clusters: int) -> str:
+    """The CUDA kernel's attributes, ahead of its header: a cluster's shape, and launch
+    bounds where a skinny kernel that fetches weights ahead (``p``) would take more
+    registers than its block may have (:attr:`SkinnyConfig.launch_bounds`,
+    PERFORMANCE.md 6x)."""
+    attributes = []
+    if clusters > 1:
+        attributes.append(f"__cluster_dims__(1, {clusters}, 1)")
+    if isinstance(config, SkinnyConfig) and config.launch_bounds:
+        attributes.append(f"__launch_bounds__({config.threads})")
+    if not attributes:
+        return ""
+    return ("#if !defined(QMMPERF_CUDA_CPU_EMULATION)\n"
+            + (_CLUSTER_CHECK if clusters > 1 else "")
+            + "#undef __global__\n#define __global__ __location__(global) "
+            + " ".join(attributes) + "\n#endif\n")
 
 
 _DEQUANT_BODY = Template("""\
@@ -1129,8 +1144,8 @@ def generate(config: KernelConfig, *, bits: int, group_size: int, language: str)
         raise TypeError(f"not a kernel configuration: {config!r}")
     body = compact(body)
     header = prune(header, body)
-    if clusters > 1:
-        header = Template(_CLUSTER_HEADER).substitute(CS=clusters) + header
+    if language == "cuda":
+        header = _kernel_attributes(config, clusters) + header
     return KernelSource(
         name=_name(stem, header, body), language=language, header=header, body=body,
         threads=config.threads, output_dtype="float32" if output_planes(config) > 1 else None,

@@ -417,6 +417,7 @@ struct QmmClusterSum {
 #endif
   }
 };
+
 // The skinny kernels' K split over the CS blocks of a cluster (sm_90): each
 // block keeps its sum of each slot (one float a lane and accumulator) in its
 // own shared memory (put), and once the cluster has met (sync) the slot's
@@ -430,6 +431,7 @@ struct QmmClusterAdd {
   float* slots;
   int rank;
 
+  // s: the block's slots (n of them; the CPU emulation keeps its own n).
   __device__ __forceinline__ void init(float* s, int) {
     slots = s;
     unsigned r = 0;

@@ -248,7 +248,8 @@ class SkinnyConfig:
     added their sums, each block reads the S blocks' sums of the outputs it
     owns from their shared memory, adds them in block order and writes them.
     So S blocks of ``rows`` fragments each read only their share of x, where
-    one block of S x ``rows`` fragments would leave SMs idle
+    one block of S x ``rows`` fragments would leave SMs idle.  On an H100 it
+    was slower at every Llama-3.2-3B shape and configuration tried
     (docs/PERFORMANCE.md, section 6x).  Metal has no clusters and refuses it.
     """
 

@@ -10,8 +10,8 @@ replaced (``.256``: one 128-k super-step), the tokens, a ``tiled:wide:`` or
 textual edit of the generated CUDA source (the kernel then runs under a name
 of its own).  An ablated kernel computes wrong sums on purpose; what it
 still does costs what it cost.  A few edits change how a kernel runs, not
-what it computes (``SKNOGUARD`` on whole tiles, ``SKPREFETCH``, ``LB512``):
-theirs stay right.  Every ablation keeps every accumulator in use: ptxas
+what it computes (``SKNOGUARD`` on whole tiles, ``SKPREFETCH``, ``LB512``,
+``SB2``): theirs stay right.  Every ablation keeps every accumulator in use: ptxas
 removes a ``wgmma`` whose results nothing reads, which would time a kernel
 with half its matrix work gone.
 
@@ -103,6 +103,28 @@ def _first_x(body: str, ablation: str) -> str:
     raise AblationError(f"ablation {ablation}: no skinny kernel's x load in this kernel's source")
 
 
+_TERMS = ("sn[f][h] = 0.0f;\nbn[f][h] = 0.0f;\nif (live) {\n"
+          "const size_t g = size_t(row) * size_t(G) + size_t(k / GS);\n"
+          "sn[f][h] = float(scales[g]);\nbn[f][h] = float(biases[g]);\n}\n")
+_TERMS_AHEAD = ("sr[f][h] = T(0.0f);\nbr[f][h] = T(0.0f);\nif (row < N && k + 128 < K) {\n"
+                "const size_t g = size_t(row) * size_t(G) + size_t((k + 128) / GS);\n"
+                "sr[f][h] = scales[g];\nbr[f][h] = biases[g];\n}\n")
+
+
+def _terms_ahead(body: str, ablation: str) -> str:
+    """The wide kernel's group terms loaded a super-step earlier, as T, and converted to
+    float a super-step before their use (where they are loaded now)."""
+    if body.count(_TERMS) != 2 or "int kl = kbeg;" not in body:
+        raise AblationError(f"ablation {ablation}: this kernel's source has not the wide "
+                            "kernel's two loads of its group terms")
+    first = body.index(_TERMS)
+    second = body.index(_TERMS, first + 1)
+    body = (body[:second] + "sn[f][h] = float(sr[f][h]);\nbn[f][h] = float(br[f][h]);\n"
+            + _TERMS_AHEAD + body[second + len(_TERMS):])
+    body = body[:first] + _TERMS + _TERMS_AHEAD + body[first + len(_TERMS):]
+    return body.replace("int kl = kbeg;", "T sr[RF][2];\nT br[RF][2];\nint kl = kbeg;", 1)
+
+
 Edit = Callable[[str, str, str], tuple[str, str]]
 
 #: name -> (what it takes out, edit(header, body, name) -> (header, body)).
@@ -117,6 +139,13 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
     "NOW": ("the weights' loads after the first super-step",
             lambda h, b, a: (h, _swap(b, "const bool live = k < K && row < N;",
                                       "const bool live = k < K && row < N && kl == kbeg;", a))),
+    "NOSB": ("the weights' scales and biases' loads after the first super-step (the "
+             "weights' own loads stay)",
+             lambda h, b, a: (h, _swap(b, "bn[f][h] = 0.0f;\nif (live) {",
+                                       "bn[f][h] = 0.0f;\nif (live && kl == kbeg) {", a))),
+    "SB2": ("nothing: the group terms loaded two super-steps ahead (as T) and converted "
+            "one ahead, where the kernel loads and converts them one ahead",
+            lambda h, b, a: (h, _terms_ahead(b, a))),
     "NOXL": ("x's loads after the first super-step",
              lambda h, b, a: (h, _swap(b, "m0 + r < M && kl + c < K) {",
                                        "m0 + r < M && kl + c < K && kl == kbeg) {", a))),

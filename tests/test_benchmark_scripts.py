@@ -195,7 +195,8 @@ def _wide(name: str) -> source.KernelSource:
     return source.generate(parse_name(name), bits=4, group_size=64, language="cuda")
 
 
-@pytest.mark.parametrize("ablation", ["NODQ", "NOMMA", "NOW", "NOXL", "NOXS", "EPI0"])
+@pytest.mark.parametrize("ablation", ["NODQ", "NOMMA", "NOW", "NOXL", "NOXS", "EPI0", "NOSB",
+                                      "SB2"])
 @pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:k2", "tiled:wide:w8r2m64:c2"])
 def test_each_ablation_edits_the_wide_kernel_it_names(name: str, ablation: str) -> None:
     src = _wide(name)
@@ -214,6 +215,22 @@ def test_the_fence_ablations_edit_the_layers_wgmma_step_in_either_order(
     assert body == src.body
     assert ("if (s == 0) {\nqmm_wgmma_fence();\n}" in step) == ("NOFENCE" in ablations)
     assert step.count("fence_acc();") == (0 if "NOACCFENCE" in ablations else 2)
+
+
+def test_the_terms_ahead_edit_loads_them_two_steps_ahead_and_converts_one_ahead() -> None:
+    src = _wide("tiled:wide:w8r2m64:k5")
+    _, body = gpu_wide_ablation.ablate(src.header, src.body, ["SB2"])
+    loop = body[body.index("for (int ks = kbeg;"):]
+    before = body[:body.index("for (int ks = kbeg;")]
+    # before the loop: this super-step's terms as float, and the next one's as loaded
+    assert "sn[f][h] = float(scales[g]);" in before and "sr[f][h] = scales[g];" in before
+    assert "T sr[RF][2];\nT br[RF][2];\nint kl = kbeg;" in before
+    # in the loop: last step's loads converted, the step after next's loaded
+    assert "float(scales[g])" not in loop and "sn[f][h] = float(sr[f][h]);" in loop
+    assert "size_t((k + 128) / GS);\nsr[f][h] = scales[g];" in loop
+    with pytest.raises(gpu_wide_ablation.AblationError, match="ablation SB2: "):
+        plain = _wide("tiled:skinny:w8r2")
+        gpu_wide_ablation.ablate(plain.header, plain.body, ["SB2"])
 
 
 def test_the_epilogue_ablation_still_reads_every_accumulator() -> None:
@@ -281,6 +298,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     units = []
     for name, ablations in (("tiled:wide:w8r2m64:c2", ["EPI0", "NOMMA"]),
                             ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"]),
+                            ("tiled:wide:w8r2m64:k5", ["SB2"]),
                             ("tiled:skinny:w8r2", ["XLINE", "SKNOX", "SKNOW"]),
                             ("tiled:skinny:w8r2", ["SKNOGUARD"]),
                             ("tiled:skinny:w16r3h", ["SKPREFETCH", "LB512"])):
@@ -295,7 +313,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     result = cuda_check.compile_check(units, tmp_path)
     assert result.returncode == 0, result.log[-4000:]
     ablated = [k for k in result.kernels if "_ablated" in k.mangled]
-    assert len(ablated) == 5
+    assert len(ablated) == 6
     # the 8-row kernel fetching ahead, held to 128 registers a thread by its launch
     # bounds: without them it takes more than 512 threads can have (and does not launch)
     assert all((k.spill_stores, k.spill_loads) == (0, 0) for k in ablated)

@@ -144,7 +144,9 @@ def test_unparsable_names_say_what_is_accepted(name):
         ("tiled:skinny:w8r2p", "prefetch (p) needs 8-row fragments (h)"),
         ("tiled:skinny:w8p", "prefetch (p) needs 8-row fragments (h)"),
         # fetching ahead, held to the block by launch bounds: the form without has to fit
-        ("tiled:skinny:w16r5hp", "512 threads x about 144 registers each exceed the 65536"),
+        ("tiled:skinny:w16r5hp", "512 threads x about 144 registers each exceed the 65536 "
+                                 "registers of a CUDA block (even without fetching ahead: its "
+                                 "launch bounds would make it spill)"),
         ("tiled:64x64:wm2wn2:k0", "splits=0 must be a positive integer"),
         ("tiled:64x64:wm2wn2:k17", "splits=17 exceeds 16 blocks per output tile"),
         ("tiled:wide:w4r2m12", "tokens=12 must be a multiple of 8 (8-token fragments) up to 64"),

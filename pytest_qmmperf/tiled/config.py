@@ -139,12 +139,13 @@ def _check_clusters(name: str, clusters: Any) -> None:
                         "largest thread-block cluster CUDA guarantees to launch")
 
 
-def _check_block_registers(name: str, threads: int, registers: int, remedy: str) -> None:
+def _check_block_registers(name: str, threads: int, registers: int, remedy: str,
+                           why: str = "refused at launch") -> None:
     """A CUDA launch is refused when a block's threads need more than its registers."""
     if threads * registers > REGISTERS_PER_BLOCK:
         raise TileError(
             f"{name}: {threads} threads x about {registers} registers each exceed the "
-            f"{REGISTERS_PER_BLOCK} registers of a CUDA block (refused at launch); {remedy}"
+            f"{REGISTERS_PER_BLOCK} registers of a CUDA block ({why}); {remedy}"
         )
 
 
@@ -276,8 +277,10 @@ class SkinnyConfig:
                 f"{name}: prefetch (p) needs 8-row fragments (h): with 16-row fragments the "
                 "next super-step's weights do not fit in a lane's registers"
             )
-        _check_block_registers(name, self.threads, self.launch_registers,
-                               "use fewer warps or rows")
+        _check_block_registers(
+            name, self.threads, self.launch_registers, "use fewer warps or rows",
+            "even without fetching ahead: its launch bounds would make it spill"
+            if self.launch_bounds else "refused at launch")
         # A cluster split runs on CUDA only, whose blocks may declare more.
         limit, of = ((CUDA_SHARED_LIMIT, "static shared memory of a CUDA block")
                      if self.clusters > 1 else (TG_MEMORY_LIMIT, "Apple GPUs"))

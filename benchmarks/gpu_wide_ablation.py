@@ -125,6 +125,20 @@ def _terms_ahead(body: str, ablation: str) -> str:
     return body.replace("int kl = kbeg;", "T sr[RF][2];\nT br[RF][2];\nint kl = kbeg;", 1)
 
 
+def _bounds(header: str, threads: int, ablation: str) -> str:
+    """Launch bounds on ``__global__``: added to the kernel's own attributes (a cluster's
+    shape) where it has some."""
+    bounds = f"__launch_bounds__({threads})"
+    if "__launch_bounds__" in header:
+        raise AblationError(f"ablation {ablation}: this kernel declares launch bounds already")
+    line = "#define __global__ __location__(global)"
+    if line in header:
+        start = header.index(line)
+        end = header.index("\n", start)
+        return header[:end] + " " + bounds + header[end:]
+    return "#undef __global__\n" + line + " " + bounds + "\n" + header
+
+
 Edit = Callable[[str, str, str], tuple[str, str]]
 
 #: name -> (what it takes out, edit(header, body, name) -> (header, body)).
@@ -194,8 +208,10 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
                                              "constexpr bool PREFETCH = true;", a))),
     "LB512": ("nothing: the kernel declared for blocks of up to 512 threads "
               "(__launch_bounds__(512), so ptxas keeps to 128 registers a thread)",
-              lambda h, b, a: ("#undef __global__\n#define __global__ __location__(global) "
-                               "__launch_bounds__(512)\n" + h, b)),
+              lambda h, b, a: (_bounds(h, 512, a), b)),
+    "LB256": ("nothing: the kernel declared for blocks of up to 256 threads "
+              "(__launch_bounds__(256): no register limit below 255, a schedule of ptxas's "
+              "own)", lambda h, b, a: (_bounds(h, 256, a), b)),
     "SYNC1": ("the cluster sum as up to 5a44198, cut to its first barrier",
               lambda h, b, a: (h, _old_cluster(b, a, ""))),
     "SYNC2": ("the cluster sum as up to 5a44198, cut to its two barriers",

@@ -283,6 +283,17 @@ def test_the_skinny_ablations_edit_both_forms_of_the_kernel(name: str) -> None:
                              "__launch_bounds__(512)\n") and body == src.body
 
 
+def test_launch_bounds_join_a_cluster_kernels_own_attributes() -> None:
+    src = _wide("tiled:wide:w8r2m64:c2")
+    header, body = gpu_wide_ablation.ablate(src.header, src.body, ["LB256"])
+    assert body == src.body and header.count("#define __global__") == 1
+    assert ("#define __global__ __location__(global) __cluster_dims__(1, 2, 1) "
+            "__launch_bounds__(256)\n") in header
+    bounded = _wide("tiled:skinny:w16r3hp")  # declares its own (ac66385)
+    with pytest.raises(gpu_wide_ablation.AblationError, match="declares launch bounds already"):
+        gpu_wide_ablation.ablate(bounded.header, bounded.body, ["LB512"])
+
+
 def test_the_prefetch_ablation_takes_the_8_row_kernel_without_it_only() -> None:
     src = _wide("tiled:skinny:w16r3h")
     _, body = gpu_wide_ablation.ablate(src.header, src.body, ["SKPREFETCH"])

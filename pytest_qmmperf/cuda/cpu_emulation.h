@@ -299,34 +299,7 @@ inline float* cluster_sums(int bx, int cluster, int n) {
 
 inline void qmm_cluster_sync() {}
 
-template <int CS, int TILES, int RF, int THREADS, int BYTES>
-struct QmmClusterSum {
-  static constexpr int ACCS = RF * 4 * TILES;
-  float* sums;
-  int rank;
-  int tid;
-  void init(float*, int thread) {
-    tid = thread;
-    rank = static_cast<int>(blockIdx.y) % CS;
-    sums = qmm_emu::cluster_sums(static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y) / CS,
-                                 ACCS * THREADS);
-    qmm_emu::block_sync();  // no thread resizes the sums while another holds them
-  }
-  template <typename T, typename F>
-  void run(const F& frag, T* out, int m0, int nb, int nl, int M, int N) {
-    for (int e = 0; e < ACCS; ++e) {
-      float& s = sums[e * THREADS + tid];
-      s = rank == 0 ? frag.value(e) : s + frag.value(e);
-      const int m = m0 + frag.token(e);
-      const int n = nb + nl + frag.out_row(e);
-      if (rank == CS - 1 && m < M && n < N) {
-        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(s);
-      }
-    }
-  }
-};
-
-// The skinny kernels' cluster sum, the same way: rank 0 sets each slot, each
+// A cluster's sums, slot by slot: rank 0 sets each slot, each
 // next rank adds its own (the owner's order on the GPU), and the last rank
 // owns, and writes, every slot. sync() is the block's barrier, since the
 // thread that writes a slot's total is not always the one that put it.
@@ -345,6 +318,31 @@ struct QmmClusterAdd {
   bool owns(int) const { return rank == CS - 1; }
   float total(int i) const { return sums[i]; }
   void done() const {}
+};
+
+// The wide kernel's, on the same sums: each thread puts and, in the last rank,
+// writes its own accumulators.
+template <int CS, int TILES, int RF, int THREADS, int BYTES>
+struct QmmClusterSum {
+  static constexpr int ACCS = RF * 4 * TILES;
+  QmmClusterAdd<CS> add;
+  int tid;
+  void init(float* s, int thread) {
+    tid = thread;
+    add.init(s, ACCS * THREADS);
+  }
+  template <typename T, typename F>
+  void run(const F& frag, T* out, int m0, int nb, int nl, int M, int N) {
+    for (int e = 0; e < ACCS; ++e) {
+      const int i = e * THREADS + tid;
+      add.put(i, frag.value(e));
+      const int m = m0 + frag.token(e);
+      const int n = nb + nl + frag.out_row(e);
+      if (add.owns(e) && m < M && n < N) {
+        out[size_t(m) * size_t(N) + size_t(n)] = static_cast<T>(add.total(i));
+      }
+    }
+  }
 };
 
 template <typename T, int N>

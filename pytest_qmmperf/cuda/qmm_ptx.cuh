@@ -295,6 +295,25 @@ __device__ __forceinline__ void qmm_cluster_sync() {
 #endif
 }
 
+// This block's rank in its cluster.
+__device__ __forceinline__ int qmm_cluster_rank() {
+  unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return static_cast<int>(r);
+}
+
+// The shared::cluster address of p (in this block's shared memory) in block `rank`'s.
+__device__ __forceinline__ unsigned qmm_cluster_addr(const void* p, int rank) {
+  unsigned remote = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote)
+               : "r"(qmm_smem_addr(p)), "r"(rank));
+#endif
+  return remote;
+}
+
 template <int CS, int TILES, int RF, int THREADS, int BYTES>
 struct QmmClusterSum {
   static constexpr int NT_MAX = (TILES + CS - 1) / CS;  // tiles a fragment rank 0 owns
@@ -320,11 +339,7 @@ struct QmmClusterSum {
   __device__ __forceinline__ void init(float* s, int thread) {
     slots = s;
     tid = thread;
-    unsigned r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-    rank = static_cast<int>(r);
+    rank = qmm_cluster_rank();
   }
 
   // Where the owner keeps the float4 with owned index k that block `from` sent.
@@ -407,10 +422,7 @@ struct QmmClusterSum {
   // One 16-byte store into block `owner`'s shared memory.
   __device__ __forceinline__ void put(float4* dst, int owner, const float (&v)[4]) const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-                 : "=r"(remote)
-                 : "r"(qmm_smem_addr(dst)), "r"(owner));
+    const unsigned remote = qmm_cluster_addr(dst, owner);
     asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(remote), "f"(v[0]),
                  "f"(v[1]), "f"(v[2]), "f"(v[3])
                  : "memory");
@@ -434,11 +446,7 @@ struct QmmClusterAdd {
   // s: the block's slots (n of them; the CPU emulation keeps its own n).
   __device__ __forceinline__ void init(float* s, int) {
     slots = s;
-    unsigned r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-    rank = static_cast<int>(r);
+    rank = qmm_cluster_rank();
   }
   __device__ __forceinline__ void put(int i, float v) { slots[i] = v; }
   __device__ __forceinline__ void sync() const { qmm_cluster_sync(); }
@@ -449,11 +457,10 @@ struct QmmClusterAdd {
     for (int q = 0; q < CS; ++q) {
       float v = 0.0f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      unsigned remote;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-                   : "=r"(remote)
-                   : "r"(qmm_smem_addr(slots + i)), "r"(q));
-      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n"
+                   : "=f"(v)
+                   : "r"(qmm_cluster_addr(slots + i, q))
+                   : "memory");
 #endif
       t += v;
     }

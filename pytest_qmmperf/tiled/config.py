@@ -42,6 +42,9 @@ MAX_THREADS = 1024
 TG_MEMORY_LIMIT = 32768
 #: Static shared memory a CUDA block may declare (what the CUDA-only forms are held to).
 CUDA_SHARED_LIMIT = 49152
+#: What fetching the next super-step's weights ahead adds to the 8-row skinny kernel's
+#: registers at most (``p``; 30 measured, :attr:`SkinnyConfig.registers`).
+PREFETCH_REGISTERS = 30
 #: The largest thread-block cluster CUDA guarantees to launch.
 MAX_CLUSTER = 8
 #: Halves of padding per shared-memory row: keeps 16-byte rows and spreads banks.
@@ -309,7 +312,7 @@ class SkinnyConfig:
         8-row fragments at most 62, 76, 104 and 122 at 1-4 rows over the bit widths and
         dtypes, and up to 30 more with prefetch (134 at 3 rows)."""
         if self.half:
-            return 44 + 20 * self.rows + (30 if self.prefetch else 0)
+            return 44 + 20 * self.rows + (PREFETCH_REGISTERS if self.prefetch else 0)
         return 64 + 32 * self.rows + (32 if self.rows >= 3 else 0)
 
     @property
@@ -327,7 +330,7 @@ class SkinnyConfig:
         """What the block's registers are checked with: with launch bounds, the form
         without prefetch has to fit, so that the bounds only cost fetching ahead, not
         spills."""
-        return self.registers - 30 if self.launch_bounds else self.registers
+        return self.registers - PREFETCH_REGISTERS if self.launch_bounds else self.registers
 
     @property
     def shared_bytes(self) -> int:

@@ -542,12 +542,15 @@ $prologue
 $parts"""
 
 # The skinny kernels' end: the warps' partial sums meet in threadgroup memory.
-_SKINNY_REDUCE = """\
+_SKINNY_SUMS = """\
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
     red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.frag.value(e);
   }
   $barrier;
+"""
+
+_SKINNY_REDUCE = _SKINNY_SUMS + """\
   // Warp q adds up accumulators q, q + W, ... over the warps, in warp order.
 #pragma unroll
   for (int e = 0; e < ACC; ++e) {
@@ -563,24 +566,14 @@ _SKINNY_REDUCE = """\
   }
 """
 
-# The skinny kernels' K split over a cluster (CUDA, `:cS`): block bz of the CS
-# blocks takes super-steps bz * W + w, (bz + CS) * W + w, ... (warp w), so that
-# the cluster's blocks share out one K between them, as a block's warps do.
+# The skinny kernels' first token: by's, or with K split over a cluster (CUDA,
+# `:cS`, _CLUSTER_PARTS) its cluster's; block bz of the CS blocks then takes
+# super-steps bz * W + w, (bz + CS) * W + w, ... (warp w), so that the cluster's
+# blocks share out one K between them, as a block's warps do.
 _SKINNY_PLAIN_PARTS = """\
   const int m0 = by * 8 * TILES;"""
 
-_SKINNY_CLUSTER_PARTS = """\
-  // K split over the CS blocks of a thread-block cluster, consecutive in y.
-  constexpr int CS = $CS;
-  const int bz = by % CS;
-  const int m0 = (by / CS) * 8 * TILES;"""
-
-_SKINNY_CLUSTER_REDUCE = """\
-#pragma unroll
-  for (int e = 0; e < ACC; ++e) {
-    red[(int(warp) * ACC + e) * $SIMD + int(lane)] = sk.frag.value(e);
-  }
-  $barrier;
+_SKINNY_CLUSTER_REDUCE = _SKINNY_SUMS + """\
   // The block's sums: warp q adds up accumulators q, q + W, ... over the warps,
   // in warp order, and once every warp has read keeps them where warp 0's were.
   float v[ACC];
@@ -847,11 +840,12 @@ _WIDE_PLANE_PARTS = """\
 _WIDE_PLANE_STORE = """\
   wd.frag.store(out + size_t(bz) * size_t(M) * size_t(N), m0, nw, M, N);"""
 
-_WIDE_CLUSTER_PARTS = """\
+# (the skinny kernels' too: $TOKENS, the block's tokens)
+_CLUSTER_PARTS = """\
   // K split over the CS blocks of a thread-block cluster, consecutive in y.
   constexpr int CS = $CS;
   const int bz = by % CS;
-  const int m0 = (by / CS) * TOK;"""
+  const int m0 = (by / CS) * $TOKENS;"""
 
 _WIDE_CLUSTER_STORE = """\
   // The cluster adds its CS partial sums (the layer's QmmClusterSum, in the x
@@ -952,8 +946,8 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
         cluster = int(str(values["CS"])) > 1
         values = {
             **values,
-            "parts": Template(_WIDE_CLUSTER_PARTS if cluster else _WIDE_PLANE_PARTS
-                              ).substitute(values),
+            "parts": Template(_CLUSTER_PARTS if cluster else _WIDE_PLANE_PARTS
+                              ).substitute(values, TOKENS="TOK"),
             "NPARTS": "CS" if cluster else "KS",
             "epilogue": Template(_WIDE_CLUSTER_STORE if cluster else _WIDE_PLANE_STORE
                                  ).substitute(tg=dialect.tg),
@@ -973,8 +967,8 @@ def _render(template: Template, dialect: Dialect, **values: object) -> str:
             "head": Template(_SKINNY_HEAD).substitute(
                 values, prologue=_indent_free(dialect.prologue),
                 FR=8 if template is _SKINNY8_BODY else 16,
-                parts=Template(_SKINNY_CLUSTER_PARTS if cluster else _SKINNY_PLAIN_PARTS
-                               ).substitute(values)),
+                parts=Template(_CLUSTER_PARTS if cluster else _SKINNY_PLAIN_PARTS
+                               ).substitute(values, TOKENS="8 * TILES")),
             "kfirst": "(bz * W + int(warp)) * 128" if cluster else "int(warp) * 128",
             "kstride": "CS * W * 128" if cluster else "W * 128",
         }

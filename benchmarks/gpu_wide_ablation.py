@@ -28,9 +28,10 @@ and one that no longer matches stops the run, naming the ablation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,15 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
              lambda h, b, a: (h, _swap(b, "qmm_wide_stage<T, BITS, TOK / 8, W, RF, XP>(xb",
                                        "if (kl == kbeg) qmm_wide_stage<T, BITS, TOK / 8, W, RF, "
                                        "XP>(xb", a))),
+    "NOBAR": ("the block's barrier after each super-step's staging (its buffers then race: "
+              "timing only)",
+              lambda h, b, a: (h, _swap(b, "wd.staged();\n__syncthreads();\n",
+                                        "wd.staged();\n", a))),
+    "NOWAIT": ("each super-step's wait for the wgmma of the super-step before last (its "
+               "buffer then races: timing only)",
+               lambda h, b, a: (_swap(h, "qmm_fence_async_shared();\n"
+                                         "qmm_wgmma_wait<QMM_WIDE_STEPS>();",
+                                      "qmm_fence_async_shared();", a), b)),
     "EPI0": ("everything after the K loop (the sums read, nothing written)",
              lambda h, b, a: (h, _epilogue(b, a, _SUM_ALL))),
     "NOPUT": ("the cluster sum's stores into other blocks (its barriers stay)",
@@ -268,8 +278,33 @@ def parse_case(text: str) -> Case:
     return Case(text, N, K, M, name, ablations)
 
 
-def run(case: Case) -> dict[str, Any]:
-    """Compile, check and time one case on the GPU (the tree in the working directory)."""
+#: What ``--past-estimate`` raises the wide kernel's live-register estimate to: every
+#: configuration of at most 255 registers a thread then builds, and ptxas decides.
+PAST_ESTIMATE = 255
+
+
+@contextlib.contextmanager
+def register_estimate(limit: int | None) -> Iterator[None]:
+    """Inside, the configuration check refuses a wide configuration only past ``limit``
+    live registers (``None``: as it stands); restored on the way out."""
+    import pytest_qmmperf.tiled.config as config_module
+
+    saved = config_module.MAX_WIDE_LIVE_REGISTERS
+    if limit is not None:
+        config_module.MAX_WIDE_LIVE_REGISTERS = limit
+    try:
+        yield
+    finally:
+        config_module.MAX_WIDE_LIVE_REGISTERS = saved
+
+
+def run(case: Case, past_estimate: bool = False) -> dict[str, Any]:
+    """Compile, check and time one case on the GPU (the tree in the working directory).
+
+    ``past_estimate``: build a wide configuration that the configuration check refuses on
+    its register estimate (``WideConfig.live_registers``), to measure it as ptxas compiles
+    it; the check is restored afterwards.
+    """
     import cupy as cp
     import gpu_decode as gd
     import gpu_kernels as gk
@@ -288,7 +323,8 @@ def run(case: Case) -> dict[str, Any]:
 
     tiled.generate = ablated  # cupy_kernel imports it by name when called
     try:
-        launch = gk.cupy_kernel(case.name, case.M, case.N, case.K)
+        with register_estimate(PAST_ESTIMATE if past_estimate else None):
+            launch = gk.cupy_kernel(case.name, case.M, case.N, case.K)
     finally:
         tiled.generate = generate
     sets = gk.cupy_operands(case.M, case.N, case.K, gk.rotation(case.N * case.K // 2))
@@ -302,6 +338,9 @@ def run(case: Case) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", help="SHAPE[.K]:M:NAME[@ABL[+ABL...]]")
+    parser.add_argument("--past-estimate", action="store_true",
+                        help="also build wide configurations the configuration check refuses "
+                             "on its register estimate (ptxas decides)")
     args = parser.parse_args(argv)
     try:
         cases = [parse_case(text) for text in args.cases]
@@ -310,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     tree = Path.cwd()
     sys.path[:0] = [str(tree), str(tree / "benchmarks")]  # the tree being measured
     for case in cases:
-        row = run(case)
+        row = run(case, past_estimate=args.past_estimate)
         print(f"{row['case']:60s} {row['us']:8.2f} us  err {row['error']:.1e}", flush=True)
     return 0
 

@@ -196,12 +196,36 @@ def _wide(name: str) -> source.KernelSource:
 
 
 @pytest.mark.parametrize("ablation", ["NODQ", "NOMMA", "NOW", "NOXL", "NOXS", "EPI0", "NOSB",
-                                      "SB2"])
+                                      "SB2", "NOBAR"])
 @pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:k2", "tiled:wide:w8r2m64:c2"])
 def test_each_ablation_edits_the_wide_kernel_it_names(name: str, ablation: str) -> None:
     src = _wide(name)
     header, body = gpu_wide_ablation.ablate(src.header, src.body, [ablation])
     assert header == src.header and body != src.body
+
+
+def test_past_the_estimate_a_refused_wide_configuration_builds_until_the_block_ends() -> None:
+    refused = "tiled:wide:w4r2m64"  # 176 live registers estimated, over 160
+    with pytest.raises(ValueError, match="176 registers live"):
+        parse_name(refused)
+    with gpu_wide_ablation.register_estimate(gpu_wide_ablation.PAST_ESTIMATE):
+        assert _wide(refused).threads == 128
+    with pytest.raises(ValueError, match="over 160"):
+        parse_name(refused)
+    with gpu_wide_ablation.register_estimate(None):
+        with pytest.raises(ValueError, match="over 160"):
+            parse_name(refused)
+
+
+def test_the_barrier_and_wait_ablations_take_out_one_each_of_the_loops_syncs() -> None:
+    src = _wide("tiled:wide:w8r2m64:c2")
+    header, body = gpu_wide_ablation.ablate(src.header, src.body, ["NOBAR", "NOWAIT"])
+    assert src.body.count("__syncthreads();") == body.count("__syncthreads();") + 1
+    assert "wd.staged();\nkl = ks + 128;" in body
+    staged = header[header.index("void staged()"):]
+    staged = staged[:staged.index("void finish()")]
+    assert "qmm_wgmma_wait" not in staged and "qmm_fence_async_shared();" in staged
+    assert header.count("qmm_wgmma_wait<") == src.header.count("qmm_wgmma_wait<") - 1
 
 
 @pytest.mark.parametrize("ablations", [["NOFENCE"], ["NOACCFENCE"], ["NOFENCE", "NOACCFENCE"],
@@ -309,6 +333,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     units = []
     for name, ablations in (("tiled:wide:w8r2m64:c2", ["EPI0", "NOMMA"]),
                             ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"]),
+                            ("tiled:wide:w8r2m64:c2", ["NOBAR", "NOWAIT"]),
                             ("tiled:wide:w8r2m64:k5", ["SB2"]),
                             ("tiled:skinny:w8r2", ["XLINE", "SKNOX", "SKNOW"]),
                             ("tiled:skinny:w8r2", ["SKNOGUARD"]),
@@ -324,7 +349,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     result = cuda_check.compile_check(units, tmp_path)
     assert result.returncode == 0, result.log[-4000:]
     ablated = [k for k in result.kernels if "_ablated" in k.mangled]
-    assert len(ablated) == 6
+    assert len(ablated) == 7
     # the 8-row kernel fetching ahead, held to 128 registers a thread by its launch
     # bounds: without them it takes more than 512 threads can have (and does not launch)
     assert all((k.spill_stores, k.spill_loads) == (0, 0) for k in ablated)

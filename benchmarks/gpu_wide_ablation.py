@@ -126,6 +126,49 @@ def _terms_ahead(body: str, ablation: str) -> str:
     return body.replace("int kl = kbeg;", "T sr[RF][2];\nT br[RF][2];\nint kl = kbeg;", 1)
 
 
+_MBAR_INIT = """
+__shared__ unsigned long long qmm_full[XB];
+if (tid == 0) {
+#pragma unroll
+for (int b = 0; b < XB; ++b) {
+asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(
+    static_cast<unsigned>(__cvta_generic_to_shared(&qmm_full[b]))), "r"(THREADS) : "memory");
+}
+}
+__syncthreads();
+int use = 0;
+"""
+_MBAR_ARRIVE = """wd.staged();
+asm volatile("{\\n.reg .b64 st;\\nmbarrier.arrive.shared::cta.b64 st, [%0];\\n}" ::"r"(
+    static_cast<unsigned>(__cvta_generic_to_shared(&qmm_full[buf]))) : "memory");
+"""
+_MBAR_WAIT = """if (s == 0) {
+const unsigned bar = static_cast<unsigned>(__cvta_generic_to_shared(&qmm_full[buf]));
+unsigned done = 0;
+while (!done) {
+asm volatile("{\\n.reg .pred p;\\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\\n"
+             "selp.u32 %0, 1, 0, p;\\n}" : "=r"(done) : "r"(bar), "r"(use & 1) : "memory");
+}
+}
+wd.mma(xb, s, pa, pb);"""
+
+
+def _mbarriers(body: str, ablation: str) -> str:
+    """The loop's block barrier split in two: each thread arrives on its buffer's
+    mbarrier once it has staged its part of x (after the wait for the wgmma of the
+    super-step before last, as before the barrier), and waits on it only before the
+    super-step's first wgmma; the loads of the next super-step and the first step's
+    dequantization run in between. Right, not an ablation: a buffer is restaged three
+    super-steps on, after its restager has waited on the buffer between, which every
+    thread arrived on after its wgmma that read this one had completed."""
+    body = _swap(body, "int buf = 0;\nfor (int ks = kbeg;",
+                 _MBAR_INIT + "int buf = 0;\nfor (int ks = kbeg;", ablation)
+    body = _swap(body, "wd.staged();\n__syncthreads();\n", _MBAR_ARRIVE, ablation)
+    body = _swap(body, "wd.mma(xb, s, pa, pb);", _MBAR_WAIT, ablation)
+    return _swap(body, "buf = buf + 1 == XB ? 0 : buf + 1;\n",
+                 "buf = buf + 1 == XB ? 0 : buf + 1;\nuse += buf == 0;\n", ablation)
+
+
 def _bounds(header: str, threads: int, ablation: str) -> str:
     """Launch bounds on ``__global__``: added to the kernel's own attributes (a cluster's
     shape) where it has some."""
@@ -177,6 +220,9 @@ ABLATIONS: dict[str, tuple[str, Edit]] = {
                lambda h, b, a: (_swap(h, "qmm_fence_async_shared();\n"
                                          "qmm_wgmma_wait<QMM_WIDE_STEPS>();",
                                       "qmm_fence_async_shared();", a), b)),
+    "MBAR": ("nothing: the loop's barrier split into an arrival on the staged buffer's "
+             "mbarrier and a wait before its first wgmma",
+             lambda h, b, a: (h, _mbarriers(b, a))),
     "EPI0": ("everything after the K loop (the sums read, nothing written)",
              lambda h, b, a: (h, _epilogue(b, a, _SUM_ALL))),
     "NOPUT": ("the cluster sum's stores into other blocks (its barriers stay)",

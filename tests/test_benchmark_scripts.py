@@ -196,12 +196,25 @@ def _wide(name: str) -> source.KernelSource:
 
 
 @pytest.mark.parametrize("ablation", ["NODQ", "NOMMA", "NOW", "NOXL", "NOXS", "EPI0", "NOSB",
-                                      "SB2", "NOBAR"])
+                                      "SB2", "NOBAR", "MBAR"])
 @pytest.mark.parametrize("name", ["tiled:wide:w8r2m64:k2", "tiled:wide:w8r2m64:c2"])
 def test_each_ablation_edits_the_wide_kernel_it_names(name: str, ablation: str) -> None:
     src = _wide(name)
     header, body = gpu_wide_ablation.ablate(src.header, src.body, [ablation])
     assert header == src.header and body != src.body
+
+
+def test_the_mbarrier_edit_arrives_after_staging_and_waits_before_the_first_wgmma_only() -> None:
+    src = _wide("tiled:wide:w8r2m64:c2")
+    _, body = gpu_wide_ablation.ablate(src.header, src.body, ["MBAR"])
+    loop = body[body.index("for (int ks = kbeg;"):body.index("wd.finish();")]
+    assert "__syncthreads();" not in loop
+    # the arrival follows the wait for the wgmma of the super-step before last
+    assert loop.index("wd.staged();") < loop.index("mbarrier.arrive") < loop.index("kl = ks + 128;")
+    # one wait a super-step, before its first step's wgmma; parity flips as the buffers wrap
+    assert loop.count("mbarrier.try_wait.parity") == 1 and "if (s == 0) {" in loop
+    assert "use += buf == 0;" in loop
+    assert "mbarrier.init.shared::cta.b64" in body[:body.index("for (int ks = kbeg;")]
 
 
 def test_past_the_estimate_a_refused_wide_configuration_builds_until_the_block_ends() -> None:
@@ -334,6 +347,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     for name, ablations in (("tiled:wide:w8r2m64:c2", ["EPI0", "NOMMA"]),
                             ("tiled:wide:w8r2m64:k2", ["NODQ", "NOW", "NOXL", "NOXS"]),
                             ("tiled:wide:w8r2m64:c2", ["NOBAR", "NOWAIT"]),
+                            ("tiled:wide:w8r2m64:k5", ["MBAR"]),
                             ("tiled:wide:w8r2m64:k5", ["SB2"]),
                             ("tiled:skinny:w8r2", ["XLINE", "SKNOX", "SKNOW"]),
                             ("tiled:skinny:w8r2", ["SKNOGUARD"]),
@@ -349,7 +363,7 @@ def test_ablated_kernels_compile_for_hopper(tmp_path: Path) -> None:
     result = cuda_check.compile_check(units, tmp_path)
     assert result.returncode == 0, result.log[-4000:]
     ablated = [k for k in result.kernels if "_ablated" in k.mangled]
-    assert len(ablated) == 7
+    assert len(ablated) == 8
     # the 8-row kernel fetching ahead, held to 128 registers a thread by its launch
     # bounds: without them it takes more than 512 threads can have (and does not launch)
     assert all((k.spill_stores, k.spill_loads) == (0, 0) for k in ablated)

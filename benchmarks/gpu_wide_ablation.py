@@ -2,18 +2,21 @@
 
     python benchmarks/gpu_wide_ablation.py gate_up:128:tiled:wide:w8r2m64:c2 \
         gate_up:128:tiled:wide:w8r2m64:c2@EPI0 gate_up.256:128:tiled:wide:w8r2m64:c2@NOMMA
+    python benchmarks/gpu_wide_ablation.py --past-estimate gate_up:128:tiled:wide:w4r2m64@NOW
 
 Each case is ``SHAPE[.K]:M:NAME[@ABL[+ABL...]]``: a Llama-3.2-3B projection
 (``qo``, ``kv``, ``gate_up``, ``down``) or ``NxK``, optionally with its K
 replaced (``.256``: one 128-k super-step), the tokens, a ``tiled:wide:`` or
 ``tiled:skinny`` kernel name, and ablations from :data:`ABLATIONS`, each a
 textual edit of the generated CUDA source (the kernel then runs under a name
-of its own).  An ablated kernel computes wrong sums on purpose; what it
-still does costs what it cost.  A few edits change how a kernel runs, not
-what it computes (``SKNOGUARD`` on whole tiles, ``SKPREFETCH``, ``LB512``,
-``SB2``): theirs stay right.  Every ablation keeps every accumulator in use: ptxas
-removes a ``wgmma`` whose results nothing reads, which would time a kernel
-with half its matrix work gone.
+of its own; ``--past-estimate`` also builds wide configurations that the
+configuration check refuses on its register estimate, as ptxas compiles
+them).  An ablated kernel computes wrong sums on purpose; what it still does
+costs what it cost.  A few edits change how a kernel runs, not what it
+computes (``SKNOGUARD`` on whole tiles, ``SKPREFETCH``, ``LB512``, ``SB2``,
+``MBAR``): theirs stay right.  Every ablation keeps every accumulator in use:
+ptxas removes a ``wgmma`` whose results nothing reads, which would time a
+kernel with half its matrix work gone.
 
 A case is compiled through CuPy from the source MLX compiles
 (:func:`gpu_kernels.cupy_kernel`), its error against a float32 reference
@@ -158,9 +161,10 @@ def _mbarriers(body: str, ablation: str) -> str:
     mbarrier once it has staged its part of x (after the wait for the wgmma of the
     super-step before last, as before the barrier), and waits on it only before the
     super-step's first wgmma; the loads of the next super-step and the first step's
-    dequantization run in between. Right, not an ablation: a buffer is restaged three
-    super-steps on, after its restager has waited on the buffer between, which every
-    thread arrived on after its wgmma that read this one had completed."""
+    dequantization run in between. Right, not an ablation: a buffer read at super-step s
+    is restaged at s + XB, after its restager has waited on the buffer of s + XB - 1, on
+    which every thread arrived only once its reads of this one were done (its ``wgmma``
+    waited for two super-steps on; ``mma.sync``'s reads, XB = 2, are synchronous)."""
     body = _swap(body, "int buf = 0;\nfor (int ks = kbeg;",
                  _MBAR_INIT + "int buf = 0;\nfor (int ks = kbeg;", ablation)
     body = _swap(body, "wd.staged();\n__syncthreads();\n", _MBAR_ARRIVE, ablation)

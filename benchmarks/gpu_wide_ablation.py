@@ -129,6 +129,8 @@ def _terms_ahead(body: str, ablation: str) -> str:
     return body.replace("int kl = kbeg;", "T sr[RF][2];\nT br[RF][2];\nint kl = kbeg;", 1)
 
 
+# The barriers' addresses by CUDA's intrinsic, not the layer's qmm_smem_addr (an asm
+# statement the compiler cannot fold): that changes the SASS that 6y measured.
 _MBAR_INIT = """
 __shared__ unsigned long long qmm_full[XB];
 if (tid == 0) {
